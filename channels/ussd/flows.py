@@ -549,7 +549,10 @@ def _registration(ctx: Ctx, coop: CoopRow) -> str:
 
 
 async def validate_code(ctx: Ctx, text: str) -> str:
-    code = text.strip()
+    # Digits of another script as the ASCII ones, as on the menu that led here: a handset that sends "١" for the key
+    # 1 sends her code "٤٠٢١" so (a code is ASCII letters and digits: nothing else could match), and was told no
+    # cooperative had it.
+    code = ascii_digits(text.strip())
     if not 2 <= len(code) <= 32:
         raise Invalid()
     async with cache.autocommit(ctx.rt) as conn:

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from core.models import Payment, PaymentType
+from core.models import Cooperative, Member, Payment, PaymentType
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_EN_MTN
 from tests.channels.ussd.test_hubtel_nalo_flows import HubtelPhone, nalo
 
 EN_MTN = "+250788000002"  # Jean Bosco, English, MTN: Monthly Rent 50,000 RWF (1), Water 5,000 RWF (2)
+STRANGER = "+250788555123"  # a valid MTN number that belongs to no cooperative
 
 
 async def test_africastalking_reads_padded_hashed_and_full_width_keys(client: Any, demo: Any, db: Any) -> None:
@@ -82,3 +83,19 @@ async def test_nalo_reads_padded_hashed_and_full_width_keys(client: Any, demo: A
     done = await nalo(client, "nalo-keys-1", "01#", False, GH_EN_MTN)
     assert done["MSGTYPE"] is False and done["MSG"].startswith("Approve"), done
     assert (await db.one(Payment)).idempotency_key == "ussd:nalo:nalo-keys-1"
+
+
+async def test_a_cooperative_code_typed_in_other_digits(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """The handset that sends "١" for Pay sends her cooperative's code in the same digits: it was "No cooperative has
+    this code", a code she had typed right."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Remera Teachers SACCO", short_code="4021", country="RW", currency="RWF",
+                          status="ACTIVE", self_registration=True))
+    phone = AtPhone(client, STRANGER)
+    await phone.dial()
+    assert (await phone.send("\u0661")).startswith("CON You are not registered yet. Enter your cooperative's code:")
+    prompt = await phone.send("\u0664\u0660\u0662\u0661#")  # Arabic-Indic 4021, then the Send key
+    assert prompt.startswith("CON Enter your full name to join Remera Teachers SACCO:"), prompt
+    assert (await phone.send("Alice Mukamana")).startswith("END Thank you Alice Mukamana.")
+    member = await db.one(Member, Member.name == "Alice Mukamana")
+    assert member.cooperative_id == (await db.one(Cooperative, Cooperative.short_code == "4021")).id
