@@ -141,16 +141,19 @@ async def _messaging(request: web.Request) -> web.Response:
     to = [n.strip() for n in str(form.get("to", "")).split(",") if n.strip()]
     if not message or not to:
         return web.Response(status=400, text="Must have to and message")
-    global_failure = state.take_failure(None)
-    if global_failure in HTTP_FAILURES:
-        return web.Response(status=HTTP_FAILURES[global_failure], text="Internal Server Error")
+    pending = state.global_failure
+    if pending is not None and pending.name in HTTP_FAILURES:
+        state.take_failure(None)
+        return web.Response(status=HTTP_FAILURES[pending.name], text="Internal Server Error")
     # A request one of its numbers fails as a whole (a 5xx) reaches nobody, as the API's would: an earlier
-    # recipient must not be inboxed (and sent again on the retry). Only that number's failure is taken.
+    # recipient must not be inboxed (and sent again on the retry). Only that number's failure is taken (not the
+    # one set for every number's next message: the retry is that message).
     for number in to:
         pending = state.failures.get(number)
         if pending is not None and pending.name in HTTP_FAILURES:
             state.take_failure(number)
             return web.Response(status=HTTP_FAILURES[pending.name], text="Internal Server Error")
+    global_failure = state.take_failure(None)
     sender = str(form.get("from", "")) or "AFRICASTKNG"
     size = measure(message)
     recipients = []

@@ -27,25 +27,33 @@ depends_on = None
 
 
 def upgrade() -> None:
-    _rewrite(lambda mapped: f'::ffff:{mapped.ipv4_mapped}' + (f'%{mapped.scope_id}' if mapped.scope_id else ''))
+    _rewrite(_mapped, compared=str)
 
 
 def downgrade() -> None:
-    _rewrite(str)
+    _rewrite(str, compared=_mapped)
 
 
-def _rewrite(written: Callable[[ipaddress.IPv6Address], str]) -> None:
+def _mapped(address: ipaddress.IPv6Address) -> str:
+    return f'::ffff:{address.ipv4_mapped}' + (f'%{address.scope_id}' if address.scope_id else '')
+
+
+def _rewrite(written: Callable[[ipaddress.IPv6Address], str],
+             compared: Callable[[ipaddress.IPv6Address], str]) -> None:
+    """`compared`: the form the release before this step compared a domain in. Its row is rewritten first, so that
+    of two rows of one address (a second request 0040 left as typed, its form taken) it goes on deciding."""
     bind = op.get_bind()
-    rows = bind.execute(sa.text("SELECT id, cooperative_id, domain FROM approved_domains WHERE domain LIKE '%:%'")).all()
-    for row_id, cooperative_id, domain in rows:
+    rows = []
+    for row_id, cooperative_id, domain in bind.execute(
+            sa.text("SELECT id, cooperative_id, domain FROM approved_domains WHERE domain LIKE '%:%'")).all():
         try:
             address = ipaddress.IPv6Address(domain)
         except ValueError:
             continue
-        if address.ipv4_mapped is None or written(address) == domain:
-            continue
+        if address.ipv4_mapped is not None and written(address) != domain:
+            rows.append((compared(address) != domain, row_id, cooperative_id, written(address)))
+    for _, row_id, cooperative_id, domain in sorted(rows, key=lambda row: row[0]):
         taken = bind.execute(sa.text("SELECT 1 FROM approved_domains WHERE cooperative_id = :c AND domain = :d"),
-                             {"c": cooperative_id, "d": written(address)}).first()
+                             {"c": cooperative_id, "d": domain}).first()
         if taken is None:
-            bind.execute(sa.text("UPDATE approved_domains SET domain = :d WHERE id = :i"),
-                         {"d": written(address), "i": row_id})
+            bind.execute(sa.text("UPDATE approved_domains SET domain = :d WHERE id = :i"), {"d": domain, "i": row_id})

@@ -22,6 +22,10 @@ DOMAINS = {
     "a0000000-0000-4000-8000-000000000426": (COOP, "fd00::5", "fd00::5"),
     "a0000000-0000-4000-8000-000000000427": (COOP, "hooks.example.rw", "hooks.example.rw"),
     "a0000000-0000-4000-8000-000000000428": (COOP, "127.0.0.1", "127.0.0.1"),
+    # A second request of one address 0040 left as typed (its canonical form was taken), stored before the row the
+    # previous release compared (str()'s form on this Python): that row is rewritten, and goes on deciding.
+    "a0000000-0000-4000-8000-000000000429": (COOP, "0:0:0:0:0:ffff:7f00:4", "0:0:0:0:0:ffff:7f00:4"),
+    "a0000000-0000-4000-8000-00000000042a": (COOP, str(ipaddress.ip_address("::ffff:7f00:4")), "::ffff:127.0.0.4"),
 }
 # After a downgrade: as str() writes a mapped address on this Python, where that is not taken in its cooperative.
 DOWNGRADED = {
@@ -30,6 +34,7 @@ DOWNGRADED = {
 }
 # OTHER has both forms: each stays (one of them is str()'s, the other's is taken), whatever the Python.
 DOWNGRADED.update({i: before for i, (c, before, _) in DOMAINS.items() if c == OTHER})
+DOWNGRADED["a0000000-0000-4000-8000-000000000429"] = "0:0:0:0:0:ffff:7f00:4"  # str()'s form goes back to the other
 
 
 async def _domains(url: str) -> dict[str, str]:

@@ -137,6 +137,30 @@ async def test_a_request_failed_by_one_number_reaches_nobody(aiohttp_server: Any
     assert {number: len(messages) for number, messages in inboxes.items()} == {"+250788000001": 1, "+250788000002": 1}
 
 
+async def test_a_request_failed_by_one_number_keeps_the_failure_set_for_every_number(
+    aiohttp_server: Any, http: httpx.AsyncClient
+) -> None:
+    """A failure set for every number's next message is not used up by a request one of its numbers refuses whole
+    (a 5xx): the caller's retry is that next message (before: it was taken by the refused request, and the retry
+    was sent)."""
+    base, app = await serve(aiohttp_server, delivery_delay=60)
+    state = app[STATE]
+    state.set_failure("InsufficientBalance", times=1)
+    state.set_failure("http503", number="+250788000002", times=1)
+    form = {"username": "coop", "to": "+250788000001,+250788000002", "message": "x"}
+    refused = await http.post(f"{base}/version1/messaging", headers={"apiKey": KEY}, data=form)
+    assert refused.status_code == 503
+    again = await http.post(f"{base}/version1/messaging", headers={"apiKey": KEY, "Accept": "application/json"},
+                            data=form)
+    assert again.status_code == 201
+    codes = {r["number"]: r["statusCode"] for r in again.json()["SMSMessageData"]["Recipients"]}
+    assert codes == {"+250788000001": 405, "+250788000002": 405}
+    assert (await http.get(f"{base}/_inbox")).json() == {"inboxes": {}}
+    third = await http.post(f"{base}/version1/messaging", headers={"apiKey": KEY, "Accept": "application/json"},
+                            data=form)
+    assert [r["statusCode"] for r in third.json()["SMSMessageData"]["Recipients"]] == [101, 101]
+
+
 async def test_delivery_reports_are_posted(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
     received: list[dict[str, str]] = []
 
