@@ -312,6 +312,7 @@ async def discard_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     its own: one refused (a refund's while its refund is open) is left PARKED and named with its reason."""
     reason = _reason(ctx)
     done, skipped, more, last = await _each_parked(ctx, lambda job_id: _discard_one(ctx, job_id, reason))
+    await _committed(ctx)
     return json_response({"discarded": done, "skipped": skipped, "discardedCount": len(done),
                           "skippedCount": len(skipped), "more": more, "lastId": last})
 
@@ -334,6 +335,7 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
     done: list[int] = []
     skipped: list[dict[str, Any]] = []
     for job_id in ids[:limit]:
+        left = len(ctx.request.get(ONCE_COMMITTED, ()))
         try:
             async with ctx.session.begin_nested():
                 job = await lock_row(ctx.session, OutboxJob, job_id)
@@ -347,6 +349,7 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
                                    code=INVALID_STATE)
                 await act(job_id)
         except Conflict as exc:
+            del ctx.request.get(ONCE_COMMITTED, [])[left:]  # rolled back with its savepoint
             skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
         else:
             done.append(job_id)
@@ -417,7 +420,9 @@ async def discard(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.who.scope(select(OutboxJob.id).where(OutboxJob.id == job_id), OutboxJob))).scalar_one_or_none()
     if visible is None:
         raise NotFound("job not found")
-    return json_response(present(await _discard_one(ctx, job_id, reason)))
+    job = await _discard_one(ctx, job_id, reason)
+    await _committed(ctx)
+    return json_response(present(job))
 
 
 def _reason(ctx: Ctx) -> str:
@@ -451,7 +456,23 @@ async def _discard_one(ctx: Ctx, job_id: int, reason: str) -> OutboxJob:
 
 async def _sms_not_sent(ctx: Ctx, job: OutboxJob, parked_with: str | None, reason: str) -> None:
     await sms_jobs.fail_for_discard(ctx.rt, ctx.session, job.payload or {}, parked_with, reason=reason,
-                                    actor=ctx.who.actor)
+                                    actor=ctx.who.actor, committed=_once_committed(ctx))
+
+
+# What a discard does outside the database once it has committed (_committed): a keyword reply's count given back
+# (channels.sms.jobs.fail_for_discard), which a discard that did not commit must not have done.
+ONCE_COMMITTED: web.RequestKey[list[Callable[[], Awaitable[None]]]] = web.RequestKey("jobs_once_committed")
+
+
+def _once_committed(ctx: Ctx) -> list[Callable[[], Awaitable[None]]]:
+    return ctx.request.setdefault(ONCE_COMMITTED, [])
+
+
+async def _committed(ctx: Ctx) -> None:
+    """Commit the discards, then do what they left for after (_once_committed)."""
+    await ctx.session.commit()
+    for then in ctx.request.pop(ONCE_COMMITTED, []):
+        await then()
 
 
 async def _payment_still_asked(ctx: Ctx, job: OutboxJob) -> None:

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -709,7 +709,7 @@ async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> N
 
 
 async def fail_for_discard(rt: Runtime, session: AsyncSession, payload: dict[str, Any], parked_with: str | None, *,
-                           reason: str, actor: Actor) -> str | None:
+                           reason: str, actor: Actor, committed: list[Callable[[], Awaitable[None]]]) -> str | None:
     """A parked 'sms.send' job is being discarded (admin_api.jobs), in the discard's transaction: its still-QUEUED
     message will never go, so it is FAILED ("discarded by an admin: <reason>", cut to the column's 64 characters:
     the whole reason is in the audit log and the job's lastError; the move audited as any is),
@@ -718,7 +718,9 @@ async def fail_for_discard(rt: Runtime, session: AsyncSession, payload: dict[str
     job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
     send. The message's id, or None when no QUEUED message is stored for it (a job parked before it stored one: an
     unknown template, a payload the build refused). A keyword's reply so marked gives its count back (_give_back:
-    once, a reply not sent at its turn then discarded included); best effort, before the discard commits."""
+    once, a reply not sent at its turn then discarded included), put in `committed`: run once the discard has
+    committed (best effort). Given back before, a discard that did not commit left the reply parked and uncounted:
+    replayed, it went, one more than her limit."""
     message_id = (await session.execute(select(SmsMessage.id).where(
         SmsMessage.idempotency_key == message_key(payload), SmsMessage.status == SmsStatus.QUEUED.value)
     )).scalar_one_or_none()
@@ -733,7 +735,7 @@ async def fail_for_discard(rt: Runtime, session: AsyncSession, payload: dict[str
     except StaleTransition:
         return None  # sent meanwhile (its job ran it after all): nothing to fail
     if not may_have_gone:
-        await _give_back(rt, payload)
+        committed.append(lambda: _give_back(rt, payload))
     return message_id
 
 

@@ -25,7 +25,7 @@ from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
 from core.members import number_came_since, number_history, set_number_opt_out
-from core.models import Cooperative, Dispute, Member, Payment, Refund, SmsMessage
+from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter, clock
@@ -487,6 +487,11 @@ async def inbound(request: web.Request) -> web.Response:
                 select(Member.id).where(Member.phone_index == index).order_by(Member.id)
                 .with_for_update(key_share=True))).scalars().all()
             stale = not retried and not await set_number_opt_out(session, index, opt_out, _said_at(date))
+            if stale and not counted and counted_at is not None and (await session.execute(
+                    select(OutboxJob.id).where(OutboxJob.dedupe_key == f"sms:{dedupe}"))).first() is not None:
+                # Counted by an earlier try of this text that queued its reply (taken, its mark lost, or this
+                # retry in before it was written): that reply's count, kept if it went, else given back by its job.
+                counted_at = None
             if held and not (retried or stale):
                 # The flags as they are now, not as read above: a STOP of hers committed while this waited for the
                 # number's row has set them since (and of the memberships holding the number now: one released

@@ -126,3 +126,59 @@ async def test_a_discarded_reply_to_a_text_not_understood_gives_the_days_help_ba
     async with rt.sessionmaker() as session:
         assert (await session.execute(select(SmsMessage.template).where(SmsMessage.status != "FAILED"))
                 ).scalars().all() == ["unknown"]
+
+
+async def test_a_discard_that_did_not_commit_gives_no_count_back(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """The discard of her STOP's parked reply fails before it commits (the database gone as its audit row is
+    written): the reply stays parked, and counted. Given back before the commit, the reply an admin then replayed
+    went uncounted: 5 of her next 5 keywords were answered, 6 replies in her 10 minutes."""
+    from admin_api import jobs as admin_jobs
+
+    await early_in_window(600, room=60)
+    await inbound(sms_client, ALINE, "STOP", "at-stop")
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    [job] = await jobs_of(rt, "sms.send")
+    real = admin_jobs.record
+
+    async def record_failing(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("action") == "job.discarded":
+            raise ConnectionError("database went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(admin_jobs, "record", record_failing)
+    admin = await bearer(sms_client, *demo["admin"])
+    response = await sms_client.post(f"/v1/jobs/{job.id}/discard", json={"reason": REASON},
+                                     headers=admin.headers)
+    assert response.status >= 500
+    monkeypatch.setattr(admin_jobs, "record", real)
+    assert (await the_job(rt)).status == "PARKED"
+    sim.set_failure(None)
+    await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
+    await drain(worker)
+    for i in range(5):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 5
+
+
+async def test_a_reply_discarded_among_others_gives_its_count_back_once_committed(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
+) -> None:
+    """POST /v1/jobs/discard gives a keyword's reply's count back too, once the call has committed."""
+    await early_in_window(600, room=60)
+    await inbound(sms_client, ALINE, "STOP", "at-stop")
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    admin = await bearer(sms_client, *demo["admin"])
+    answer = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "sms.send"})
+    assert answer["discardedCount"] == 1
+    sim.set_failure(None)
+    for i in range(6):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 5

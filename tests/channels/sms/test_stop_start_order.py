@@ -191,6 +191,36 @@ async def test_a_stale_retry_gives_back_the_count_its_first_try_made(
     assert len(sim.messages(ALINE)) == 5
 
 
+async def test_a_stale_retry_gives_back_no_count_of_a_reply_its_first_try_queued(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
+) -> None:
+    """Her STOP's first try queued its reply, which went, but its mark was lost (Redis failing as it was written:
+    logged), so the aggregator's retry of it, after her START was taken, is stale: its reply is that try's, counted
+    (sent), and the retry gives nothing back. Given back, 4 of her next 5 keywords were answered, 6 replies in her
+    10 minutes."""
+    from channels.sms import routes
+
+    real = routes._mark_taken
+    lost = {"left": 1}
+
+    async def mark_lost_once(*args: Any) -> None:
+        if lost["left"]:
+            lost["left"] -= 1
+            return
+        await real(*args)
+
+    monkeypatch.setattr(routes, "_mark_taken", mark_lost_once)
+    await early_in_window(600, room=60)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    await drain(worker)
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry: stale
+    assert await _state(rt, demo) == (False, False)
+    assert await _replies_to_status(rt, sms_client, 5) == 3
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 5
+
+
 @requires_pg
 async def test_a_stop_and_a_start_taken_at_once_end_in_the_later_ones_state(
     rt: Any, demo: dict[str, Any], sms_client: Any
