@@ -646,8 +646,10 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
-    await _erase_events(session, hers)  # before _erase_payments: it finds her payments by her number's index too
-    await _erase_disputes(session, hers)  # (so does this)
+    # Before _erase_payments: they find her payments by her number's index too. The disputes first: one opened as
+    # her payments were locked is locked there, and the event of a move made on it meanwhile is then scrubbed too.
+    await _erase_disputes(session, hers)
+    await _erase_events(session, hers)
     payments = await _erase_payments(session, hers)
     messages = await _erase_messages(session, hers, actor=actor)
     sessions = await _erase_ussd_sessions(session, hers)
@@ -824,11 +826,14 @@ async def _erase_disputes(session: AsyncSession, hers: _Hers) -> None:
     typed, as the note is), and the gateway's own notes' text too (it quotes a refund's failure reason or an
     admin's words on it), become NOTE_ERASED, and the resolution (a closing note; the gateway's own word kept:
     _erased_resolution). What the gateway wrote stays: each note's time, writer and status, the dispute's status,
-    reason, dates and refund. Their updated_at kept: no move of the dispute's (its next event orders after it)."""
+    reason, dates and refund. Their updated_at kept: no move of the dispute's (its next event orders after it).
+    Read locked: one opened while the erasure waited for her payments (on a payment of no member, opened without
+    her row's lock) is not locked yet, and an officer's note or resolution on it meanwhile was written over with the
+    dispute as read (erase_member runs this before _erase_events, which then scrubs that move's event too)."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     disputes = (await session.execute(select(Dispute.id, Dispute.notes, Dispute.resolution)
                                       .join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
-                                      .order_by(Dispute.id))).all()
+                                      .order_by(Dispute.id).with_for_update(of=Dispute))).all()
     for dispute_id, notes, resolution in disputes:
         erased = [{**note, **{key: NOTE_ERASED for key in ("text", "evidence") if note.get(key) is not None}}
                   if isinstance(note, dict) else note for note in notes or []]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from core.audit import Actor
 from core.disputes import move_dispute, open_dispute
 from core.errors import Conflict
 from core.members import erase_member
-from core.models import Dispute, Member, Payment, Refund
+from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from tests.admin_api.conftest import Caller, idem
 from tests.channels.sms.helpers import make_payment
 from tests.conftest import requires_pg, waiting_for_locks
@@ -325,3 +326,54 @@ async def test_a_resolution_with_a_chargeback_while_she_is_erased_never_deadlock
         row = await s.get(Dispute, dispute["id"])
         refund = await s.get(Refund, row.refund_id)
     assert (row.status, row.notes[0]["text"], refund.status) == ("RESOLVED", "[note erased]", "COMPLETED")
+
+
+@requires_pg
+async def test_a_dispute_opened_as_she_is_erased_and_resolved_at_once_is_neither_lost_nor_left(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """A payment from her number with no member attached is hers (core.members._Hers), and a dispute of it is
+    opened without her row's lock (core.disputes._lock_payment): one committed while the erasure waited for the
+    payment (its dispute lock taken before) was read by _erase_disputes unlocked. An officer resolving it then had
+    the note written over with the notes as read (lost from the case file) and the resolution with none, while its
+    dispute.updated event, written after _erase_events, kept her name. The erasure waits for it, and erases it all."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    blocker, officer = rt.sessionmaker(), rt.sessionmaker()
+    try:
+        await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 1)
+        async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
+            payment = await s.get(Payment, paid.id)
+            s.add(Dispute(cooperative_id=payment.cooperative_id, payment_id=paid.id, reference="DSP-RACE-1",
+                          reason="OTHER", status="OPEN", channel="api",
+                          notes=[{"at": "2026-12-07T07:00:00Z", "actor": ADMIN.id, "text": f"for {NAME}"}]))
+        async with rt.sessionmaker() as s:
+            dispute_id = (await s.execute(select(Dispute.id).where(Dispute.payment_id == paid.id))).scalar_one()
+        await officer.begin()  # an officer resolving it: its row locked (core.disputes.move_dispute)
+        await officer.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await officer.execute(select(Dispute.id).where(Dispute.id == dispute_id).with_for_update())
+        await blocker.commit()
+        await waiting_for_locks(rt, 1)  # the erasure, at the dispute
+        await move_dispute(officer, rt, dispute_id=dispute_id, cooperative_id=None, target="RESOLVED", actor=ADMIN,
+                           note=f"paid back to {NAME}")
+        await officer.commit()
+        await erasure
+    finally:
+        await blocker.close()
+        await officer.close()
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Dispute, dispute_id)
+        events = (await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event"))).scalars().all()
+    assert ([note["text"] for note in stored.notes], stored.resolution) == (
+        ["[note erased]", "[note erased]"], "[note erased]"), (stored.notes, stored.resolution)
+    told = [event["data"]["resolution"] for event in events if event["data"].get("id") == dispute_id]
+    assert told and set(told) <= {None, "[note erased]"}, told
