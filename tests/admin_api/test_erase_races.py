@@ -26,6 +26,13 @@ ADMIN = Actor("admin:test", "admin")
 
 
 @requires_pg
+async def _erased(rt: Any, member_id: str) -> Member:
+    """Her erasure in a transaction of its own, waiting at most 10 s for a lock (a deadlock is reported, not hung)."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        return await erase_member(s, await s.get(Member, member_id), actor=ADMIN)
+
+
 async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadlocks(
         rt: Any, admin: Caller, demo: Any) -> None:
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
@@ -39,18 +46,13 @@ async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadloc
             return await open_dispute(s, payment=payment, reason="OTHER", channel="api", actor=ADMIN,
                                       cipher=rt.cipher, answer_days=90)
 
-    async def erased() -> Member:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
-            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
-
     blocker = rt.sessionmaker()
     try:
         await blocker.begin()  # holds the payment while both line up for it: the dispute's opening first
         await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
         dispute = asyncio.create_task(opened())
         await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(erased())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
         await waiting_for_locks(rt, 2)
         await blocker.commit()
         results = await asyncio.gather(dispute, erasure, return_exceptions=True)
@@ -81,17 +83,12 @@ async def test_a_refunds_late_word_while_she_is_erased_never_deadlocks_the_erasu
                         {"k": f"refund:{refund['id']}"})
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    async def erased() -> Member:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
-            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
-
     # The refund's callback, as it takes its locks: the refund (FOR UPDATE OF refunds), then its payment.
     async with rt.engine.connect() as callback:
         await callback.begin()
         await callback.execute(text("SET LOCAL lock_timeout = '10s'"))
         await callback.execute(select(Refund.id).where(Refund.id == refund["id"]).with_for_update())
-        erasure = asyncio.create_task(erased())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
         await waiting_for_locks(rt, 1)
         await callback.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
         await callback.rollback()
@@ -250,11 +247,6 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
     dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER"})
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    async def erased() -> Member:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
-            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
-
     async def resolved() -> Dispute:
         async with rt.sessionmaker.begin() as s:
             await s.execute(text("SET LOCAL lock_timeout = '10s'"))
@@ -265,7 +257,7 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
     try:
         await blocker.begin()  # holds the refund of the lower id while both line up for it: the erasure first
         await blocker.execute(select(Refund.id).where(Refund.id == newer["id"]).with_for_update())
-        erasure = asyncio.create_task(erased())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
         await waiting_for_locks(rt, 1)
         resolution = asyncio.create_task(resolved())
         await waiting_for_locks(rt, 2)
@@ -297,11 +289,6 @@ async def test_a_resolution_with_a_chargeback_while_she_is_erased_never_deadlock
                                                                    "note": f"called {NAME}"})
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    async def erased() -> Member:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
-            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
-
     async def resolved() -> Dispute:
         async with rt.sessionmaker.begin() as s:
             await s.execute(text("SET LOCAL lock_timeout = '10s'"))
@@ -313,7 +300,7 @@ async def test_a_resolution_with_a_chargeback_while_she_is_erased_never_deadlock
     try:
         await blocker.begin()  # holds the payment while both line up for it: the erasure first
         await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        erasure = asyncio.create_task(erased())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
         await waiting_for_locks(rt, 1)
         resolution = asyncio.create_task(resolved())
         await waiting_for_locks(rt, 2)
@@ -340,16 +327,11 @@ async def test_a_dispute_opened_as_she_is_erased_and_resolved_at_once_is_neither
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    async def erased() -> Member:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
-            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
-
     blocker, officer = rt.sessionmaker(), rt.sessionmaker()
     try:
         await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
         await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
-        erasure = asyncio.create_task(erased())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
         await waiting_for_locks(rt, 1)
         async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
             payment = await s.get(Payment, paid.id)

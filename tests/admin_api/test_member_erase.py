@@ -467,12 +467,9 @@ async def test_free_text_on_her_payments_and_refunds_goes_with_the_erasure(rt: A
     assert again["id"] == refund["id"]
 
 
-async def test_her_payments_stored_webhook_events_are_scrubbed_and_a_waiting_one_is_sent_scrubbed(
-        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
-    """The events told of her payments and refunds stay stored after they are sent (delivery rows and webhook.event
-    jobs, until retention prunes them) and a waiting one is sent from its row: her number's mask on each payment's
-    event, her name and number in the notes the desk wrote (a cancellation's, a review's, a refund's reason) stayed
-    readable in them after her erasure, and a delivery retried after it sent them to the receiver."""
+async def _receiver_down(rt: Any, demo: Any, aiohttp_server: Any) -> tuple[list[dict[str, Any]], dict[str, bool]]:
+    """The cooperative's endpoint on a receiver answering 503 until `up["now"]` is set (its deliveries wait, to be
+    sent by a retry after her erasure), then keeping each event it is sent in `received`."""
     received: list[dict[str, Any]] = []
     up = {"now": False}
 
@@ -486,6 +483,16 @@ async def test_her_payments_stored_webhook_events_are_scrubbed_and_a_waiting_one
     app.router.add_post("/hook", hook)
     server = await aiohttp_server(app)
     await approved_endpoint(rt, demo["cooperative_id"], f"http://127.0.0.1:{server.port}/hook")
+    return received, up
+
+
+async def test_her_payments_stored_webhook_events_are_scrubbed_and_a_waiting_one_is_sent_scrubbed(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The events told of her payments and refunds stay stored after they are sent (delivery rows and webhook.event
+    jobs, until retention prunes them) and a waiting one is sent from its row: her number's mask on each payment's
+    event, her name and number in the notes the desk wrote (a cancellation's, a review's, a refund's reason) stayed
+    readable in them after her erasure, and a delivery retried after it sent them to the receiver."""
+    received, up = await _receiver_down(rt, demo, aiohttp_server)
     jeanne = await _jeanne(admin)
     about = f"{NAME} {UNIT} {PHONE}"
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
@@ -664,19 +671,7 @@ async def test_her_disputes_notes_and_resolution_go_with_the_erasure_and_their_e
     (GET /v1/disputes/{id}) after her erasure, and the resolution in its stored dispute.updated event, sent so by a
     retry after it. Now the text goes ([note erased]) and what the gateway wrote stays (each note's time, writer
     and status; a resolution that is the gateway's own word); another member's dispute keeps its text."""
-    received: list[dict[str, Any]] = []
-    up = {"now": False}
-
-    async def hook(request: web.Request) -> web.Response:
-        if not up["now"]:
-            return web.Response(status=503)
-        received.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    server = await aiohttp_server(app)
-    await approved_endpoint(rt, demo["cooperative_id"], f"http://127.0.0.1:{server.port}/hook")
+    received, up = await _receiver_down(rt, demo, aiohttp_server)
     jeanne = await _jeanne(admin)
     other_name = "Aline Uwase"
     aline = await admin.json("POST", "/v1/members", 201, json={"name": other_name, "phone": "+250788777222"})

@@ -446,6 +446,27 @@ async def inbound(client: Any, phone: str, text: str, message_id: str) -> Any:
     return response
 
 
+async def first_try_fails_after_its_count(client: Any, monkeypatch: Any, text: str, message_id: str,
+                                          date: str) -> Any:
+    """`text`'s first try counts its reply, then fails (the database away as the reply is queued: a 503, which
+    Africa's Talking retries); nothing of it commits. The 503, answered."""
+    real = routes.send_sms
+    failing = {"left": 1}
+
+    async def send_once_failing(*args: Any, **kwargs: Any) -> Any:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise ConnectionError("database went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "send_sms", send_once_failing)
+    response = await client.post("/sms/africastalking/inbound", data={
+        "date": date, "from": ALINE, "id": message_id, "linkId": "L1", "text": text, "to": "12345",
+        "networkCode": "63510"})
+    assert response.status == 503
+    return response
+
+
 async def test_receipt_keyword_for_own_payment(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:

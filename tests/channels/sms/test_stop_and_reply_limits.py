@@ -17,7 +17,7 @@ from core.phone import normalize
 from core.reminders import scan, why_not_send
 from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
-from tests.channels.sms.test_routes import ALINE, inbound
+from tests.channels.sms.test_routes import ALINE, first_try_fails_after_its_count, inbound
 from tests.channels.ussd.helpers import AtPhone
 from tests.conftest import drain
 
@@ -417,22 +417,9 @@ async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_coun
     """The first try of a text not understood counted the day's one help and then failed (the database away while
     the reply was queued: a 503, which Africa's Talking retries): its retry gets that help, counted once, instead of
     finding it used up by its own first try. A new text the same day still gets none."""
-    from channels.sms import routes
-
-    real = routes.send_sms
-    failing = {"left": 1}
-
-    async def send_once_failing(*args: Any, **kwargs: Any) -> Any:
-        if failing["left"]:
-            failing["left"] -= 1
-            raise ConnectionError("database went away")
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(routes, "send_sms", send_once_failing)
-    response = await sms_client.post("/sms/africastalking/inbound", data={
-        "date": "2026-01-15 10:00:00", "from": ALINE, "id": "in-garbled", "linkId": "L1", "text": "Helo?",
-        "to": "12345", "networkCode": "63510"})
-    assert response.status == 503 and response.headers["Retry-After"] == "1"  # an outage, not a bug
+    response = await first_try_fails_after_its_count(sms_client, monkeypatch, "Helo?", "in-garbled",
+                                                      "2026-01-15 10:00:00")
+    assert response.headers["Retry-After"] == "1"  # an outage, not a bug
     assert await jobs_of(rt, "sms.send") == []
     await inbound(sms_client, ALINE, "Helo?", "in-garbled")  # the aggregator's retry
     await inbound(sms_client, ALINE, "Helo?", "in-garbled")  # and another, after our answer was late

@@ -17,7 +17,7 @@ from channels.sms.routes import _taken_key
 from channels.sms.templates import render
 from core.db import utcnow
 from core.models import Member, OutboxJob, PhoneOptOut, SmsMessage
-from tests.channels.sms.test_routes import ALINE
+from tests.channels.sms.test_routes import ALINE, first_try_fails_after_its_count
 from tests.conftest import drain, early_in_window, requires_pg, waiting_for_locks
 
 
@@ -137,28 +137,6 @@ async def test_replies_to_stop_and_start_not_sent_count_once_and_only_what_went(
     assert await _replies_to_status(rt, sms_client, 5) == 4  # 1 + 4: the fifth is refused
 
 
-async def _first_try_fails_after_its_count(client: Any, monkeypatch: Any, text: str, message_id: str,
-                                           date: str) -> None:
-    """`text`'s first try counts its reply, then fails (the database away as the reply is queued: a 503, which
-    Africa's Talking retries); nothing of it commits."""
-    from channels.sms import routes
-
-    real = routes.send_sms
-    failing = {"left": 1}
-
-    async def send_once_failing(*args: Any, **kwargs: Any) -> Any:
-        if failing["left"]:
-            failing["left"] -= 1
-            raise ConnectionError("database went away")
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(routes, "send_sms", send_once_failing)
-    response = await client.post("/sms/africastalking/inbound", data={
-        "date": date, "from": ALINE, "id": message_id, "linkId": "L1", "text": text, "to": "12345",
-        "networkCode": "63510"})
-    assert response.status == 503
-
-
 async def test_a_reply_counted_by_its_texts_first_try_and_not_sent_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
@@ -166,7 +144,7 @@ async def test_a_reply_counted_by_its_texts_first_try_and_not_sent_gives_its_cou
     since leaves unsent (switched_since): the count the first try made is given back, as its own would be. Kept
     counted (the retry knew no time for it), 3 of her next 5 keywords were answered, not 4."""
     await early_in_window(600, room=60)
-    await _first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
+    await first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await drain(worker)
@@ -182,7 +160,7 @@ async def test_a_stale_retry_gives_back_the_count_its_first_try_made(
     """Her STOP's first try counted its reply and failed (503); her START, sent after it, is taken before its retry,
     which is then stale: no reply, and the first try's count given back."""
     await early_in_window(600, room=60)
-    await _first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
+    await first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry: stale
     assert await _state(rt, demo) == (False, False)
