@@ -10,6 +10,7 @@ import ipaddress
 from typing import Any
 
 from tests.conftest import make_settings, requires_pg
+from tests.core.test_report_group_statistics import domain_rows, stored_domains
 
 COOP, OTHER = "c0000000-0000-4000-8000-000000000042", "c1000000-0000-4000-8000-000000000042"
 # id -> (cooperative, domain as stored by the previous release, after the upgrade)
@@ -37,31 +38,12 @@ DOWNGRADED.update({i: before for i, (c, before, _) in DOMAINS.items() if c == OT
 DOWNGRADED["a0000000-0000-4000-8000-000000000429"] = "0:0:0:0:0:ffff:7f00:4"  # str()'s form goes back to the other
 
 
-async def _domains(url: str) -> dict[str, str]:
-    from sqlalchemy import select
-
-    from core.db import make_engine
-    from core.models import ApprovedDomain
-
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return dict((await conn.execute(select(ApprovedDomain.id, ApprovedDomain.domain).where(
-                ApprovedDomain.id.in_(list(DOMAINS))))).all())
-    finally:
-        await engine.dispose()
-
-
 def _domain_rows(postgres: bool) -> list[str]:
-    from tests.core.test_migration_0031_waiting import T0
+    return domain_rows(postgres, (COOP, OTHER), DOMAINS, "C042")
 
-    rows = ["SET LOCAL session_replication_role = replica"] if postgres else [
-        f"INSERT INTO cooperatives (id, name, short_code, country, currency, timezone, status, self_registration, "
-        f"created_at, updated_at) VALUES ('{c}', 'Coop', 'C042{n}', 'RW', 'RWF', 'Africa/Kigali', 'ACTIVE', 1, "
-        f"'{T0}', '{T0}')" for n, c in enumerate((COOP, OTHER))]
-    rows += [f"INSERT INTO approved_domains (id, cooperative_id, domain, status, created_at) VALUES ('{i}', '{c}', "
-             f"'{d}', 'APPROVED', '{T0}')" for i, (c, d, _) in DOMAINS.items()]
-    return rows
+
+async def _domains(url: str) -> dict[str, str]:
+    return await stored_domains(url, list(DOMAINS))
 
 
 def test_0042_writes_ipv4_mapped_domains_one_way_on_sqlite(tmp_path: Any) -> None:

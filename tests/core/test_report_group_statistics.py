@@ -34,19 +34,24 @@ DOMAINS = {
 }
 
 
-def _domain_rows(postgres: bool) -> list[str]:
+def domain_rows(postgres: bool, coops: tuple[str, ...], domains: dict[str, tuple[str, str, str]],
+                code: str) -> list[str]:
+    """The statements storing `domains` (id -> (cooperative, domain as stored, expected after)) as the previous
+    release did, with their cooperatives (`coops`, short codes `code`0, 1, ...) on SQLite (PostgreSQL's foreign keys
+    are off for them: session_replication_role)."""
     from tests.core.test_migration_0031_waiting import T0
 
     rows = ["SET LOCAL session_replication_role = replica"] if postgres else [
         f"INSERT INTO cooperatives (id, name, short_code, country, currency, timezone, status, self_registration, "
-        f"created_at, updated_at) VALUES ('{c}', 'Coop', 'C004{n}', 'RW', 'RWF', 'Africa/Kigali', 'ACTIVE', 1, "
-        f"'{T0}', '{T0}')" for n, c in enumerate((COOP, OTHER))]
+        f"created_at, updated_at) VALUES ('{c}', 'Coop', '{code}{n}', 'RW', 'RWF', 'Africa/Kigali', 'ACTIVE', 1, "
+        f"'{T0}', '{T0}')" for n, c in enumerate(coops)]
     rows += [f"INSERT INTO approved_domains (id, cooperative_id, domain, status, created_at) VALUES ('{i}', '{c}', "
-             f"'{d}', 'APPROVED', '{T0}')" for i, (c, d, _) in DOMAINS.items()]
+             f"'{d}', 'APPROVED', '{T0}')" for i, (c, d, _) in domains.items()]
     return rows
 
 
-async def _domains(url: str) -> dict[str, str]:
+async def stored_domains(url: str, ids: list[str]) -> dict[str, str]:
+    """The domains of the approved_domains rows `ids`, by id."""
     from sqlalchemy import select
 
     from core.db import make_engine
@@ -56,9 +61,17 @@ async def _domains(url: str) -> dict[str, str]:
     try:
         async with engine.connect() as conn:
             return dict((await conn.execute(select(ApprovedDomain.id, ApprovedDomain.domain).where(
-                ApprovedDomain.id.in_(list(DOMAINS))))).all())
+                ApprovedDomain.id.in_(ids)))).all())
     finally:
         await engine.dispose()
+
+
+def _domain_rows(postgres: bool) -> list[str]:
+    return domain_rows(postgres, (COOP, OTHER), DOMAINS, "C004")
+
+
+async def _domains(url: str) -> dict[str, str]:
+    return await stored_domains(url, list(DOMAINS))
 
 
 def test_0040_writes_ipv6_domains_in_their_canonical_form_on_sqlite(tmp_path: Any) -> None:
