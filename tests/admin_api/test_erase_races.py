@@ -25,7 +25,6 @@ NAME, PHONE = "Jeanne Mukeshimana", "+250788777111"
 ADMIN = Actor("admin:test", "admin")
 
 
-@requires_pg
 async def _erased(rt: Any, member_id: str) -> Member:
     """Her erasure in a transaction of its own, waiting at most 10 s for a lock (a deadlock is reported, not hung)."""
     async with rt.sessionmaker.begin() as s:
@@ -33,6 +32,7 @@ async def _erased(rt: Any, member_id: str) -> Member:
         return await erase_member(s, await s.get(Member, member_id), actor=ADMIN)
 
 
+@requires_pg
 async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadlocks(
         rt: Any, admin: Caller, demo: Any) -> None:
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
