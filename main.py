@@ -172,8 +172,8 @@ async def _reencrypt(settings: Settings) -> int:
 
 
 async def _rehash_requests(settings: Settings) -> int:
-    """Exit 0 when no payment keeps a request hash from before they were keyed, 2 when some changed while it
-    ran (run it again)."""
+    """Exit 0 when no payment, dispute or dispute transition keeps a request hash from before they were keyed, 2
+    when some changed while it ran (run it again)."""
     from app import open_runtime
     from core.rekey import rehash_requests
 
@@ -182,7 +182,7 @@ async def _rehash_requests(settings: Settings) -> int:
     for where, count in sorted(report.rewritten.items()):
         print(f"{where}: {count} rehashed under BLIND_INDEX_KEY")
     if not report.rewritten and not report.changed_meanwhile:
-        print("no payment request hash left from before they were keyed")
+        print("no payment or dispute request hash left from before they were keyed")
     if report.changed_meanwhile:
         print(f"{report.changed_meanwhile} changed while this ran and may still be unkeyed: run it again",
               file=sys.stderr)
@@ -610,9 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
     sub.add_parser("reencrypt", help="re-encrypt stored phone numbers and webhook secrets under PII_ACTIVE_KEY_ID, "
                                      "so an old key can be removed from PII_ENCRYPTION_KEYS (safe while running)")
-    sub.add_parser("rehash-requests", help="once after the upgrade that keys the payments' request hashes: "
-                                           "replace the plain ones older payments keep (a backup would give "
-                                           "back their payers' numbers) by their HMAC (safe while running)")
+    sub.add_parser("rehash-requests", help="once after the upgrades that key the payments' and the disputes' "
+                                           "request hashes: replace the plain ones older rows keep (a backup "
+                                           "would give back payers' numbers, confirm guesses of erased notes) "
+                                           "by their HMAC (safe while running)")
     a = sub.add_parser("create-admin", help="create an administrator who can sign in (the first one of an "
                                             "install too; allowed in production); the password is read from "
                                             "ADMIN_PASSWORD or one line of stdin, never from the command line")

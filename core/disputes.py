@@ -29,7 +29,7 @@ from core.models import Dispute, DisputeTransitionKey, Member, OutboxJob, Paymen
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
-from core.payments import check_idempotency_key
+from core.payments import check_idempotency_key, keyed_request_hash, same_request
 from core.references import cooperative_reference
 from core.refunds import payer_to_tell
 from core.state import transition
@@ -122,8 +122,16 @@ async def _lock_payment(session: AsyncSession, payment: Payment) -> None:
     await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
 
 
+# A keyed request's digest covers its note (free text that may name the member, a number she gave), which her
+# erasure (core.members.erase_member) scrubs while the digest stays, so that a retry under the key is still answered:
+# a plain SHA-256 would let anyone reading the database or a backup confirm a guess of a short note. So the rows
+# (disputes.request_hash, dispute_transition_keys.request_hash) keep it keyed as a payment's is
+# (core.payments.keyed_request_hash, under BLIND_INDEX_KEY); one written by a release before holds the plain digest
+# and is compared as such (core.payments.same_request) until `main.py rehash-requests` rewrites it (the HMAC of the
+# stored digest, what the same request gives now: no note needed).
 def _request_hash(payment_id: str, reason: DisputeReason | str, note: str | None) -> str:
-    """The digest of a POST /v1/disputes request, which a retry under its idempotency key must match."""
+    """The plain digest of a POST /v1/disputes request, which a retry under its idempotency key must match (its
+    row stores it keyed)."""
     fields = {"paymentId": payment_id, "reason": getattr(reason, "value", reason), "note": note}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -133,8 +141,9 @@ async def _by_key(session: AsyncSession, cooperative_id: str, key: str) -> Dispu
                                                         Dispute.idempotency_key == key))).scalar_one_or_none()
 
 
-def _same_or_refused(existing: Dispute, digest: str) -> Dispute:
-    if existing.request_hash != digest:  # another payment, reason or note: not a retry
+def _same_or_refused(cipher: PiiCipher, existing: Dispute, digest: str) -> Dispute:
+    # another payment, reason or note: not a retry
+    if existing.request_hash is None or not same_request(cipher, existing.request_hash, digest):
         raise Conflict("Dispute with this idempotency key already exists with a different request",
                        field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
     return existing
@@ -155,12 +164,12 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
     await _lock_payment(session, payment)
     existing = await _by_key(session, payment.cooperative_id, key)
     if existing is not None:
-        return _same_or_refused(existing, digest), False
+        return _same_or_refused(cipher, existing, digest), False
     cooperative_id = payment.cooperative_id
     try:
         return await _open_locked(session, payment=payment, reason=_checked_reason(reason, note), channel=channel,
                                   actor=actor, cipher=cipher, answer_days=answer_days, note=note,
-                                  idempotency_key=key, request_hash=digest), True
+                                  idempotency_key=key, request_hash=keyed_request_hash(cipher, digest)), True
     except IntegrityError as exc:
         # PostgreSQL names the index, SQLite its columns.
         if not any(name in str(exc.orig) for name in ("uq_disputes_cooperative_key", "disputes.idempotency_key")):
@@ -170,7 +179,7 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
         if existing is None:
             raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey",
                            code=IDEMPOTENCY_KEY_IN_FLIGHT) from None
-        return _same_or_refused(existing, digest), False
+        return _same_or_refused(cipher, existing, digest), False
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
@@ -419,8 +428,9 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
 
 def _transition_hash(target: DisputeStatus | str, note: str | None, evidence: str | None,
                      refund_amount: Money | None, returned: ReturnedByProvider | None, to_paying_number: bool) -> str:
-    """The digest of a POST /v1/disputes/{id}/transitions request, which a retry under its idempotency key must
-    match: its fields as the move takes them (an amount in minor units, a chargeback's time as read)."""
+    """The plain digest of a POST /v1/disputes/{id}/transitions request, which a retry under its idempotency key must
+    match (its row stores it keyed, as _request_hash's): its fields as the move takes them (an amount in minor
+    units, a chargeback's time as read)."""
     fields = {"status": getattr(target, "value", target), "note": note, "evidence": evidence,
               "refundAmount": None if refund_amount is None else [refund_amount.minor, refund_amount.currency],
               "returnedByProvider": None if returned is None else [returned.provider_transaction_id,
@@ -441,7 +451,7 @@ async def move_keyed_dispute(session: AsyncSession, rt: Runtime, *, idempotency_
     or, for a move that closed it, a 409 saying it was closed already. Another request under the key: 409
     IDEMPOTENCY_KEY_REUSED. Two at once with one key: the dispute's row lock, taken before the key is looked up,
     makes the second find the first's key (its primary key would refuse a second row). The key's row keeps the
-    request's digest, never its note (free text that may name the member)."""
+    request's digest (keyed: see _request_hash), never its note (free text that may name the member)."""
     key = check_idempotency_key(idempotency_key)
     digest = _transition_hash(target, note, evidence, refund_amount, returned, to_paying_number)
     dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
@@ -450,13 +460,14 @@ async def move_keyed_dispute(session: AsyncSession, rt: Runtime, *, idempotency_
     done = (await session.execute(select(DisputeTransitionKey.request_hash).where(
         DisputeTransitionKey.dispute_id == dispute.id, DisputeTransitionKey.idempotency_key == key))).scalar()
     if done is not None:
-        if done != digest:  # another status, note, evidence or refund: not a retry
+        if not same_request(rt.cipher, done, digest):  # another status, note, evidence or refund: not a retry
             raise Conflict("Dispute transition with this idempotency key already exists with a different request",
                            field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
         return dispute, False
     moved = await move_dispute(session, rt, dispute_id=dispute.id, cooperative_id=cooperative_id, target=target,
                                actor=actor, note=note, evidence=evidence, refund_amount=refund_amount,
                                returned=returned, to_paying_number=to_paying_number)
-    session.add(DisputeTransitionKey(dispute_id=dispute.id, idempotency_key=key, request_hash=digest))
+    session.add(DisputeTransitionKey(dispute_id=dispute.id, idempotency_key=key,
+                                     request_hash=keyed_request_hash(rt.cipher, digest)))
     await session.flush()
     return moved, True

@@ -826,7 +826,9 @@ async def _erase_disputes(session: AsyncSession, hers: _Hers) -> None:
     typed, as the note is), and the gateway's own notes' text too (it quotes a refund's failure reason or an
     admin's words on it), become NOTE_ERASED, and the resolution (a closing note; the gateway's own word kept:
     _erased_resolution). What the gateway wrote stays: each note's time, writer and status, the dispute's status,
-    reason, dates and refund. Their updated_at kept: no move of the dispute's (its next event orders after it).
+    reason, dates and refund, and the request hashes of those opened or moved under an idempotency key (a retry is
+    still answered; keyed, they confirm no guess of a note: core.disputes._request_hash). Their updated_at kept: no
+    move of the dispute's (its next event orders after it).
     Read locked: one opened while the erasure waited for her payments (on a payment of no member, opened without
     her row's lock) is not locked yet, and an officer's note or resolution on it meanwhile was written over with the
     dispute as read (erase_member runs this before _erase_events, which then scrubs that move's event too)."""

@@ -312,7 +312,8 @@ class Dispute(Base):
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # The client's idempotency key of the request that opened it, and that request's digest (None without a key).
+    # The client's idempotency key of the request that opened it, and that request's digest (None without a key;
+    # keyed, core.disputes._request_hash).
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
@@ -321,7 +322,8 @@ class DisputeTransitionKey(Base):
     """Migration 0041: a client's idempotency key of POST /v1/disputes/{id}/transitions, scoped to its dispute, and
     the digest of the request it came with (core.disputes.move_keyed_dispute): a retry after a lost answer is
     answered with the dispute as it is, not applied again (a second note and event, or a 409 for the resolution it
-    made). The digest only, never the note: free text that may name the member."""
+    made). The digest only (keyed, core.disputes._request_hash), never the note: free text that may name the
+    member."""
 
     __tablename__ = "dispute_transition_keys"
 

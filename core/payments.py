@@ -157,7 +157,7 @@ def keyed_request_hash(cipher: PiiCipher, digest: str) -> str:
     return REQUEST_HASH_VERSION + keyed[: 64 - len(REQUEST_HASH_VERSION)]
 
 
-def _same_request(cipher: PiiCipher, stored: str, digest: str) -> bool:
+def same_request(cipher: PiiCipher, stored: str, digest: str) -> bool:
     """Whether a payment's stored request hash is of this request's digest: keyed, or a plain one of a row
     written before the hash was keyed and not rewritten yet."""
     if stored.startswith(REQUEST_HASH_VERSION):
@@ -199,7 +199,7 @@ def _replay(cipher: PiiCipher, existing: Payment, new: NewPayment, account: str)
 def _same_or_refused(cipher: PiiCipher, existing: Payment, digest: str) -> tuple[Payment, bool]:
     """The payment a key made, when `digest` is of the request it was made with (or its payer was erased: see
     _replay); a Conflict otherwise."""
-    if existing.request_hash and not _same_request(cipher, existing.request_hash, digest):
+    if existing.request_hash and not same_request(cipher, existing.request_hash, digest):
         raise Conflict("Payment with this idempotency key already exists with a different request",
                        field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
     return existing, False

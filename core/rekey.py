@@ -11,8 +11,9 @@ meanwhile is left for the next run), in batches of one short transaction each. T
 
 `python main.py rehash-requests` (rehash_requests), once after the upgrade to the release that keys the payments'
 request hashes (core.payments.keyed_request_hash): a payment written before it holds a plain digest of its
-request, from which anyone holding a backup finds the payer's number; each is replaced by its HMAC. Safe while
-serving and to run again, as reencrypt.
+request, from which anyone holding a backup finds the payer's number; each is replaced by its HMAC. So are the
+disputes' and their transitions' written before the release that keys them (a digest of the note, which outlives the
+member's erasure). Safe while serving and to run again, as reencrypt.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.crypto import CryptoError, PiiCipher
 from core.db import utcnow
 from core.members import phone_context
-from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
+from core.models import Dispute, DisputeTransitionKey, Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
 from core.notify import SMS_PHONE_CONTEXT
 from core.outbox import ENDED, SMS_KIND
 from core.payments import REQUEST_HASH_VERSION, account_context, keyed_request_hash
@@ -238,24 +239,38 @@ async def rehash_requests(sessionmaker: async_sessionmaker[AsyncSession], cipher
     full number in it) replaced by its HMAC (core.payments.keyed_request_hash of the stored digest: what the
     same request gives now, so an idempotent replay of an old key still finds its payment). Nothing to
     decrypt; each row by a compare-and-set on its old hash, updated_at kept (the payment did not change: a
-    cooperative's sync by updatedFrom does not list it again)."""
+    cooperative's sync by updatedFrom does not list it again). The disputes' (opened under a key) and their
+    keyed transitions' the same way (core.disputes._request_hash: a digest of the note, which the member's erasure
+    scrubs and the digest outlives)."""
     report = Report()
-    where = f"{Payment.__tablename__}.request_hash"
-    column = Payment.request_hash
-    after = ""
+    await _rehash(sessionmaker, cipher, Payment, (Payment.id,), batch, report)
+    await _rehash(sessionmaker, cipher, Dispute, (Dispute.id,), batch, report)
+    await _rehash(sessionmaker, cipher, DisputeTransitionKey,
+                  (DisputeTransitionKey.dispute_id, DisputeTransitionKey.idempotency_key), batch, report)
+    return report
+
+
+async def _rehash(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, model: Any, keys: tuple[Any, ...],
+                  batch: int, report: Report) -> None:
+    """One table's plain request hashes, read in the order of its primary key (`keys`)."""
+    where = f"{model.__tablename__}.request_hash"
+    column = model.request_hash
+    kept = {"updated_at": model.updated_at} if hasattr(model, "updated_at") else {}
+    after: tuple[Any, ...] | None = None
     while True:
         async with sessionmaker.begin() as session:
             rows = (await session.execute(
-                select(Payment.id, column).where(~column.startswith(REQUEST_HASH_VERSION, autoescape=True),
-                                                 column != "", Payment.id > after)  # '': an erased payer's
-                .order_by(Payment.id).limit(batch))).all()
+                select(*keys, column).where(~column.startswith(REQUEST_HASH_VERSION, autoescape=True),
+                                            column != "",  # '': an erased payer's; NULL (a dispute without key)
+                                            *([] if after is None else [tuple_(*keys) > after]))
+                .order_by(*keys).limit(batch))).all()
             for row in rows:
                 done = await session.execute(
-                    update(Payment).where(Payment.id == row.id, column == row.request_hash)
-                    .values(request_hash=keyed_request_hash(cipher, row.request_hash),
-                            updated_at=Payment.updated_at)
+                    update(model).where(*(key == value for key, value in zip(keys, row, strict=False)),
+                                        column == row.request_hash)
+                    .values(request_hash=keyed_request_hash(cipher, row.request_hash), **kept)
                     .execution_options(synchronize_session=False))
                 report.tally(where, done.rowcount)  # type: ignore[attr-defined]
         if len(rows) < batch:
-            return report
-        after = str(rows[-1].id)
+            return
+        after = tuple(rows[-1])[: len(keys)]

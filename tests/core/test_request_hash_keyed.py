@@ -83,4 +83,4 @@ async def test_a_key_accepted_before_the_upgrade_replays_before_and_after_the_re
     await replays()  # the rewritten row compared keyed
 
     assert await _rehash_requests(rt.settings) == 0  # run again: nothing left
-    assert "no payment request hash left from before they were keyed" in capsys.readouterr().out
+    assert "no payment or dispute request hash left from before they were keyed" in capsys.readouterr().out
