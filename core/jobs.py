@@ -55,7 +55,7 @@ from core.ports import (
 )
 from core.provider_events import WATCH_AFTER_CANCEL, WATCH_JOB, apply_collection_outcome
 from core.reference_mark import ReferenceWatch
-from core.refunds import apply_kept_refusal, apply_refund_outcome, collected, paying_number_changed
+from core.refunds import apply_kept_refusal, apply_refund_outcome, collected, lock_for_outcome, paying_number_changed
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, OPEN_VALUES, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
@@ -859,8 +859,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if accepted is not None and accepted.outcome is not None and accepted.outcome not in (
                 ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
             async with rt.sessionmaker.begin() as session:
-                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
-                         ).scalar_one()
+                fresh = await lock_for_outcome(session, refund.id, accepted.outcome)
                 await apply_refund_outcome(session, rt, fresh, accepted.outcome, actor=WORKER,
                                            provider_transaction_id=accepted.provider_transaction_id)
             return
@@ -964,8 +963,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                     f"the provider, then record it with POST /v1/refunds/{refund.id}/outcome")
             raise RetryLater(poll_delay(age.total_seconds()), "refund still pending")
         async with rt.sessionmaker.begin() as session:
-            fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
-                     ).scalar_one()
+            fresh = await lock_for_outcome(session, refund.id, status.outcome)
             await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
                                        provider_transaction_id=status.provider_transaction_id, reason=status.reason,
                                        occurred_at=status.occurred_at, amount=status.amount)
@@ -1023,8 +1021,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         async with rt.sessionmaker.begin() as session:
             if accepted is not None and accepted.outcome not in (None, ProviderOutcome.PENDING,
                                                                  ProviderOutcome.AMBIGUOUS):
-                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
-                         ).scalar_one()
+                fresh = await lock_for_outcome(session, refund.id, accepted.outcome)
                 await apply_refund_outcome(session, rt, fresh, accepted.outcome, actor=WORKER,
                                            provider_transaction_id=accepted.provider_transaction_id)
                 return

@@ -741,7 +741,8 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     # Their refunds before them (_erase_payments writes both): a refund's outcome (its callback, an admin recording
     # it) locks the refund, then its payment; taken the other way, a late word on a settled refund of hers (failed
-    # after all, sent back after all) and the erasure deadlocked, and one was rolled back.
+    # after all, sent back after all) and the erasure deadlocked, and one was rolled back. (A success takes her row
+    # first, FOR KEY SHARE: core.refunds._her_row_first; it waits for this erasure's lock, or this one for it.)
     refunds = (await session.execute(select(Refund.status).join(Payment, Payment.id == Refund.payment_id)
                                      .where(of_hers).order_by(Refund.id).with_for_update(of=Refund))).scalars().all()
     if not any(status in OPEN_REFUND_VALUES for status in refunds):

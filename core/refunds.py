@@ -710,6 +710,25 @@ async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
     await session.execute(select(Dispute.id).where(linked).order_by(Dispute.id).with_for_update())
 
 
+async def _her_row_first(session: AsyncSession, payments: Any) -> None:
+    """The row of the member whose payment (`payments`: a query of payment ids) has a refund about to be locked for its
+    success, FOR KEY SHARE, before that refund is: a success writes her payment more than once (a late one: its flag,
+    then its refunded amount), and PostgreSQL checks a row version this transaction wrote against her row again, a KEY
+    SHARE lock taken then, after the refund. An erasure (core.members.erase_member) locks her row, then her refunds:
+    the two deadlocked, and the erasure was rolled back. Taken first (as core.disputes._lock_payment takes it), one
+    waits for the other. Nothing is locked for a payment of no member."""
+    await session.execute(select(Member.id).where(Member.id.in_(select(Payment.member_id).where(Payment.id.in_(
+        payments)))).with_for_update(read=True, key_share=True))
+
+
+async def lock_for_outcome(session: AsyncSession, refund_id: str, outcome: ProviderOutcome) -> Refund:
+    """The refund a worker applies the provider's `outcome` to (core.jobs), locked; for a success, her row first
+    (_her_row_first): a success for another amount flags her payment, then moves it."""
+    if outcome is ProviderOutcome.SUCCEEDED:
+        await _her_row_first(session, select(Refund.payment_id).where(Refund.id == refund_id))
+    return (await session.execute(select(Refund).where(Refund.id == refund_id).with_for_update())).scalar_one()
+
+
 async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
                               actor: Actor) -> None:
     """A FAILED refund the provider now reports sent back (its late answer, or a person recorded FAILED too soon):
@@ -1172,6 +1191,8 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     note = admin_note(note, "what the provider confirmed")
     if provider_transaction_id is not None and not 1 <= len(provider_transaction_id.strip()) <= 128:
         raise ValidationError("providerTransactionId must be 1 to 128 characters", field="providerTransactionId")
+    if succeeded:
+        await _her_row_first(session, select(Refund.payment_id).where(Refund.id == refund_id))
     refund = await lock_row(session, Refund, refund_id, cooperative_id)
     if refund is None:
         raise NotFound("refund not found")
@@ -1365,6 +1386,8 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome:
 
     async def one(ours: str | None) -> Refund | None:
         query = _refund_of_event(event, ours)
+        if lock and outcome is ProviderOutcome.SUCCEEDED:
+            await _her_row_first(session, query.with_only_columns(Refund.payment_id))
         return (await session.execute(query.with_for_update(of=Refund) if lock else query)).scalar_one_or_none()
 
     found = await one(None)

@@ -98,6 +98,107 @@ async def test_a_refunds_late_word_while_she_is_erased_never_deadlocks_the_erasu
         assert (await s.get(Refund, refund["id"])).reason is None  # its note went with her
 
 
+@requires_pg
+@pytest.mark.parametrize("word", ["recorded", "callback"])
+async def test_a_failed_refunds_late_success_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, admin: Caller, demo: Any, word: str) -> None:
+    """A FAILED refund of hers that went through after all (an admin recording it from the statement, or its
+    provider's callback) as the desk erases her: the late success locked the refund, then wrote her payment twice
+    (its flag, then its refunded amount), and PostgreSQL checks the payment's key to her row again on the second
+    UPDATE (a row version this transaction wrote): a KEY SHARE lock on her row, which the erasure held (FOR UPDATE)
+    while it waited for the refund. PostgreSQL ended the deadlock by rolling the erasure back. Her row is locked
+    first (core.refunds._key_share_her), as the erasure takes it: the erasure waits, then erases the refund too."""
+    from core.ports import EventKind, ProviderOutcome
+    from core.ports import ProviderEvent as ProviderEventData
+    from core.refunds import handle_refund_event, record_refund_outcome
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                              json={"amount": 10000, "reason": f"paid twice, {NAME}", "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # the provider refused it (it said)
+        await s.execute(text("UPDATE refunds SET status = 'FAILED', provider_reference = 'RF-LATE-1', "
+                             "failure_reason = 'declined' WHERE id = :id"), {"id": refund["id"]})
+        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                        {"k": f"refund:{refund['id']}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def late_success() -> Any:
+        if word == "callback":
+            return await handle_refund_event(rt, ProviderEventData(
+                provider="mtn_momo", kind=EventKind.REFUND, event_id="late-1", reference="RF-LATE-1",
+                outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-RF-9"))
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await record_refund_outcome(s, rt, refund_id=refund["id"], cooperative_id=None, succeeded=True,
+                                               note="on the statement", actor=ADMIN, provider_transaction_id="MTN-RF-9")
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up: the late success (holding the refund) first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        success = asyncio.create_task(late_success())
+        await waiting_for_locks(rt, 1)
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(success, erasure, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        stored = await s.get(Refund, refund["id"])
+        payment = await s.get(Payment, paid.id)
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert (stored.status, stored.reason, payment.refunded_minor, payment.mismatch) == ("COMPLETED", None, 10000, True)
+
+
+@requires_pg
+async def test_a_refund_polled_complete_for_another_amount_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, demo: Any, worker: Any) -> None:
+    """The same for a refund of hers the provider's status answer completes for another amount (core.jobs): the
+    worker locked the refund, then flagged her payment and moved it (two UPDATEs), and the erasure was rolled back."""
+    from core.payments import create_payment
+    from core.refunds import request_refund
+    from tests.conftest import drain
+    from tests.providers.wires import completed, due_now, mtn_adapter, mtn_payment, mtn_wire
+
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    async with rt.sessionmaker.begin() as s:
+        refund, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=None, amount=None,
+                                         reason="paid twice", idempotency_key="refund-key-1", actor=ADMIN)
+    await drain(worker)  # sent: PROCESSING
+    wire.on("GET", f"/disbursement/v1_0/refund/{refund.provider_reference}", 200, {
+        "amount": "60000", "currency": "RWF", "financialTransactionId": "RF-3", "externalId": refund.provider_reference,
+        "status": "SUCCESSFUL"})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("UPDATE members SET status = 'SUSPENDED' WHERE id = :id"), {"id": payment.member_id})
+    await due_now(rt, "refund.poll")
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up: the poll (holding the refund) first
+        await blocker.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update())
+        poll = asyncio.create_task(drain(worker))
+        await waiting_for_locks(rt, 1)
+        erasure = asyncio.create_task(_erased(rt, payment.member_id))
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(poll, erasure, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        stored, paid = await s.get(Refund, refund.id), await s.get(Payment, payment.id)
+    assert (stored.status, paid.status, paid.mismatch, paid.payment_account_masked) == (
+        "COMPLETED", "REFUNDED", True, "erased")
+
+
 async def test_a_receipt_built_as_she_is_erased_is_neither_stored_with_her_number_nor_sent(
         rt: Any, admin: Caller, demo: Any, aiohttp_server: Any, monkeypatch: Any) -> None:
     """Her payment's late success came in (its receipt queued) as the desk erased her: the worker read her number
