@@ -150,6 +150,11 @@ async def request_refund(
     # deadlocks against it. The dispute's own refund (dispute_id) comes with its dispute locked already.
     # A chargeback may withdraw the payment's refunds not yet sent (_withdraw_unsent), noting their disputes: those
     # are locked now too, in the same id order.
+    if returned is not None and dispute_id is None:
+        # A chargeback completes at once, a success that may write the payment twice (its flag beyond collected):
+        # her row first, as for any refund's success (_her_row_first). (Not after a resolution's lock on its dispute,
+        # which an erasure takes after her row.)
+        await _her_row_first(session, [payment_id])
     locked = [] if dispute_id is not None and returned is None else await _lock_open_disputes(
         session, payment_id, cooperative_id, waiting=returned is not None)
     disputes = [] if dispute_id is not None else locked

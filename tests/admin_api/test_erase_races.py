@@ -107,7 +107,7 @@ async def test_a_failed_refunds_late_success_while_she_is_erased_never_deadlocks
     (its flag, then its refunded amount), and PostgreSQL checks the payment's key to her row again on the second
     UPDATE (a row version this transaction wrote): a KEY SHARE lock on her row, which the erasure held (FOR UPDATE)
     while it waited for the refund. PostgreSQL ended the deadlock by rolling the erasure back. Her row is locked
-    first (core.refunds._key_share_her), as the erasure takes it: the erasure waits, then erases the refund too."""
+    first (core.refunds._her_row_first), as the erasure takes it: the erasure waits, then erases the refund too."""
     from core.ports import EventKind, ProviderOutcome
     from core.ports import ProviderEvent as ProviderEventData
     from core.refunds import handle_refund_event, record_refund_outcome
@@ -197,6 +197,56 @@ async def test_a_refund_polled_complete_for_another_amount_while_she_is_erased_n
         stored, paid = await s.get(Refund, refund.id), await s.get(Payment, payment.id)
     assert (stored.status, paid.status, paid.mismatch, paid.payment_account_masked) == (
         "COMPLETED", "REFUNDED", True, "erased")
+
+
+@requires_pg
+async def test_a_chargeback_beyond_her_refund_recorded_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """The provider's reversal of a payment of hers already refunded (returnedByProvider), recorded as the desk erases
+    her: it is a success too, and writes her payment twice (its flag beyond collected, then its refunded amount)
+    after locking it, which took her row (KEY SHARE) behind the erasure, which waited for the payment: deadlock, one
+    rolled back. Her row is locked first there too (core.refunds._her_row_first)."""
+    from core.money import Money
+    from core.refunds import ReturnedByProvider, request_refund
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                              json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # sent back
+        await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now() WHERE id = :id"),
+                        {"id": refund["id"]})
+        await s.execute(text("UPDATE payments SET status = 'REFUNDED', refunded_minor = 50000 WHERE id = :id"),
+                        {"id": paid.id})
+        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                        {"k": f"refund:{refund['id']}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def chargeback() -> Any:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await request_refund(s, rt, payment_id=paid.id, cooperative_id=None, amount=Money(50000, "RWF"),
+                                        reason=None, idempotency_key=idem(), actor=ADMIN,
+                                        returned=ReturnedByProvider("MTN-REV-1"))
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up: the chargeback first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        recorded = asyncio.create_task(chargeback())
+        await waiting_for_locks(rt, 1)
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(recorded, erasure, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        payment = await s.get(Payment, paid.id)
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert (payment.refunded_minor, payment.mismatch, payment.payment_account_masked) == (100000, True, "erased")
 
 
 async def test_a_receipt_built_as_she_is_erased_is_neither_stored_with_her_number_nor_sent(
