@@ -239,7 +239,7 @@ def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str,
         # An IPv6 address as a URL writes it ("[fd00::5]", copied from http://[fd00::5]/h): the address, stored
         # without its brackets, as the endpoint's host is compared. Only an IPv6 address is written so in a URL.
         bracketed, host = host, host[1:-1] if host.startswith("[") and host.endswith("]") else ""
-        if not _is_ipv6(host):
+        if not _is_ip(host, version=6):
             raise ValidationError(
                 f"{bracketed!r} is not a valid domain name: brackets enclose an IPv6 address, as in [fd00::5]",
                 field="domain",
@@ -1286,20 +1286,13 @@ async def refused_destination(url: str, *, embedded: bool, private: tuple[str, .
     return None if addresses else f"cannot resolve {host}: no address"
 
 
-def _is_ip(host: str) -> bool:
+def _is_ip(host: str, *, version: int | None = None) -> bool:
+    """Whether `host` is an IP address (of that `version`, when given)."""
     try:
-        ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return True
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
+    return version is None or address.version == version
 
 
 def retry_delay(failed_attempts: int) -> float:
