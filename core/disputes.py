@@ -31,7 +31,7 @@ from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
 from core.payments import check_idempotency_key, keyed_request_hash, same_request
 from core.references import cooperative_reference
-from core.refunds import payer_to_tell
+from core.refunds import _her_row_first, payer_to_tell
 from core.state import transition
 from core.state.dispute import DISPUTE, OPEN_VALUES, DisputeReason, DisputeStatus
 from core.state.refund import OPEN_VALUES as UNSETTLED_REFUNDS
@@ -349,6 +349,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     except ValueError:
         raise ValidationError(f"status must be one of {', '.join(s.value for s in DisputeStatus)}",
                               field="status") from None
+    await _her_row_before_dispute(session, dispute_id, cooperative_id, returned)
     # Read fresh under the lock: the route may have loaded the row before (its identity map would hand back
     # that copy), and a note or move another admin committed meanwhile must not be written over.
     dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
@@ -426,6 +427,25 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     return updated
 
 
+async def _her_row_before_dispute(session: AsyncSession, dispute_id: str, cooperative_id: str | None,
+                                  returned: ReturnedByProvider | None) -> None:
+    """For a resolution recording a chargeback (`returned`), the row of the member whose payment it is, FOR KEY SHARE,
+    before the dispute is locked (core.refunds._her_row_first; found by the dispute's payment, which never changes, read
+    without a lock). The chargeback completes at once and may write her payment twice (its flag beyond collected, then
+    its refunded amount), or her dispute twice (a refund of hers not yet sent, withdrawn and noted on it, then the
+    resolution): PostgreSQL checks a row version this transaction wrote against her row again, a KEY SHARE lock taken
+    then, after the dispute and the payment. An erasure (core.members.erase_member) locks her row, then her refunds,
+    disputes and payments: the two deadlocked, and one was rolled back (503). Taken first, one waits for the other. A
+    refund sent to the provider writes neither twice (it is PENDING, its payment untouched): nothing is locked for it,
+    nor for a move without a refund."""
+    if returned is None:
+        return
+    payment = select(Dispute.payment_id).where(Dispute.id == dispute_id)
+    if cooperative_id is not None:
+        payment = payment.where(Dispute.cooperative_id == cooperative_id)
+    await _her_row_first(session, payment)
+
+
 def _transition_hash(target: DisputeStatus | str, note: str | None, evidence: str | None,
                      refund_amount: Money | None, returned: ReturnedByProvider | None, to_paying_number: bool) -> str:
     """The plain digest of a POST /v1/disputes/{id}/transitions request, which a retry under its idempotency key must
@@ -454,6 +474,7 @@ async def move_keyed_dispute(session: AsyncSession, rt: Runtime, *, idempotency_
     request's digest (keyed: see _request_hash), never its note (free text that may name the member)."""
     key = check_idempotency_key(idempotency_key)
     digest = _transition_hash(target, note, evidence, refund_amount, returned, to_paying_number)
+    await _her_row_before_dispute(session, dispute_id, cooperative_id, returned)  # (before the dispute's lock too)
     dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
     if dispute is None:
         raise NotFound("dispute not found")

@@ -152,8 +152,8 @@ async def request_refund(
     # are locked now too, in the same id order.
     if returned is not None and dispute_id is None:
         # A chargeback completes at once, a success that may write the payment twice (its flag beyond collected):
-        # her row first, as for any refund's success (_her_row_first). (Not after a resolution's lock on its dispute,
-        # which an erasure takes after her row.)
+        # her row first, as for any refund's success (_her_row_first). (A resolution's took it before its dispute's
+        # lock, which an erasure takes after her row: core.disputes._her_row_before_dispute.)
         await _her_row_first(session, [payment_id])
     locked = [] if dispute_id is not None and returned is None else await _lock_open_disputes(
         session, payment_id, cooperative_id, waiting=returned is not None)

@@ -510,3 +510,131 @@ async def test_a_dispute_opened_as_she_is_erased_and_resolved_at_once_is_neither
         ["[note erased]", "[note erased]"], "[note erased]"), (stored.notes, stored.resolution)
     told = [event["data"]["resolution"] for event in events if event["data"].get("id") == dispute_id]
     assert told and set(told) <= {None, "[note erased]"}, told
+
+
+@requires_pg
+@pytest.mark.parametrize(("chargeback", "first", "keyed"), [
+    ("beyond", "resolution", False), ("beyond", "resolution", True), ("withdrawing", "resolution", False),
+    ("plain", "resolution", False), ("beyond", "erasure", False), ("plain", "erasure", True)])
+async def test_a_resolution_recording_a_chargeback_as_she_is_erased_never_deadlocks_whichever_goes_first(
+        rt: Any, admin: Caller, demo: Any, chargeback: str, first: str, keyed: bool) -> None:
+    """An officer resolves her dispute with the provider's chargeback (refundAmount and returnedByProvider: POST
+    /v1/disputes/{id}/transitions, with an idempotencyKey or not) as the desk erases her. The resolution locked its
+    dispute, then her payment; beyond what was collected (her payment refunded already) it writes the payment twice
+    (its flag, then its refunded amount), and PostgreSQL checks that row version's key to her member row again: a KEY
+    SHARE lock on her row, which the erasure held (FOR UPDATE) while it waited for her dispute. PostgreSQL ended the
+    deadlock by rolling the erasure back (503). So too when it withdraws her refund not yet sent (the money went back
+    without it), noted on the dispute before the resolution writes it: her dispute written twice. Her row is taken
+    first (core.disputes._her_row_before_dispute, as core.refunds._her_row_first): whichever comes second waits, and
+    both are done; a chargeback on an erased member's payment is what can still be recorded."""
+    from core.disputes import move_keyed_dispute
+    from core.money import Money
+    from core.refunds import ReturnedByProvider
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER",
+                                                                   "note": f"called {NAME}"})
+    if chargeback == "beyond":  # paid back in full already: the chargeback gives back more than was collected
+        refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                  json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
+        async with rt.sessionmaker.begin() as s:  # sent back
+            await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now() WHERE id = :id"),
+                            {"id": refund["id"]})
+            await s.execute(text("UPDATE payments SET status = 'REFUNDED', refunded_minor = 50000 WHERE id = :id"),
+                            {"id": paid.id})
+            await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                            {"k": f"refund:{refund['id']}"})
+    elif chargeback == "withdrawing":  # a refund asked for during the dispute, not sent yet: withdrawn by it
+        refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                  json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def resolved() -> Dispute:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            move: dict[str, Any] = {
+                "dispute_id": dispute["id"], "cooperative_id": None, "target": "RESOLVED", "actor": ADMIN,
+                "refund_amount": Money(50000, "RWF"), "returned": ReturnedByProvider("MTN-CB-7")}
+            if keyed:  # (the route with an idempotencyKey: the dispute locked before the key is looked up)
+                return (await move_keyed_dispute(s, rt, idempotency_key=idem(), **move))[0]
+            return await move_dispute(s, rt, **move)
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it, `first` first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        tasks = {}
+        for which in (first, {"resolution": "erasure", "erasure": "resolution"}[first]):
+            tasks[which] = asyncio.create_task(resolved() if which == "resolution" else _erased(rt, jeanne["id"]))
+            await waiting_for_locks(rt, len(tasks))
+        await blocker.commit()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        row = await s.get(Dispute, dispute["id"])
+        payment = await s.get(Payment, paid.id)
+        recorded = await s.get(Refund, row.refund_id)
+        withdrawn = None if chargeback != "withdrawing" else await s.get(Refund, refund["id"])
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert (row.status, row.notes[0]["text"]) == ("RESOLVED", "[note erased]")
+    assert (recorded.status, recorded.returned_by_provider, recorded.provider_transaction_id) == (
+        "COMPLETED", True, "MTN-CB-7")
+    assert (payment.status, payment.payment_account_masked) == ("REFUNDED", "erased")
+    assert (payment.refunded_minor, payment.mismatch) == ((100000, True) if chargeback == "beyond" else (50000, False))
+    if withdrawn is not None:
+        assert (withdrawn.status, withdrawn.reason) == ("FAILED", None), (withdrawn.status, withdrawn.failure_reason)
+
+
+@requires_pg
+@pytest.mark.parametrize(("first", "to_paying_number"), [
+    ("resolution", False), ("resolution", True), ("erasure", False)])
+async def test_a_resolution_sending_her_a_refund_as_she_is_erased_waits_and_one_is_refused(
+        rt: Any, admin: Caller, demo: Any, first: str, to_paying_number: bool) -> None:
+    """A resolution with a refund sent to the provider (refundAmount, toPayingNumber or not) as the desk erases her:
+    its refund waits, PENDING, and writes neither her payment nor her dispute twice, so it takes no lock on her row
+    (core.disputes._her_row_before_dispute) and never deadlocks. Whichever locks her dispute first goes on; the
+    other gets its documented refusal: the erasure, her refund still open (409); the refund, the account to send it
+    to erased (409 MEMBER_ERASED), the dispute left open for the officer to record the provider's reversal."""
+    from core.errors import MEMBER_ERASED
+    from core.money import Money
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def resolved() -> Dispute:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
+                                      actor=ADMIN, refund_amount=Money(50000, "RWF"),
+                                      to_paying_number=to_paying_number)
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it, `first` first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        tasks = {}
+        for which in (first, {"resolution": "erasure", "erasure": "resolution"}[first]):
+            tasks[which] = asyncio.create_task(resolved() if which == "resolution" else _erased(rt, jeanne["id"]))
+            await waiting_for_locks(rt, len(tasks))
+        await blocker.commit()
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True), strict=True))
+    finally:
+        await blocker.close()
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        row = await s.get(Dispute, dispute["id"])
+        refunds = (await s.execute(select(Refund.status).where(Refund.payment_id == paid.id))).scalars().all()
+    if first == "resolution":
+        refused = results["erasure"]
+        assert isinstance(refused, Conflict) and "refund(s) still open" in str(refused), refused
+        assert (row.status, refunds, member.name) == ("RESOLVED", ["PENDING"], NAME)
+    else:
+        refused = results["resolution"]
+        assert isinstance(refused, Conflict) and refused.code == MEMBER_ERASED, refused
+        assert (row.status, refunds, member.name) == ("OPEN", [], "Erased member")
