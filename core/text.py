@@ -17,7 +17,7 @@ def is_uuid(value: str | None) -> bool:
 def is_number(text: str) -> bool:
     """Only the ASCII digits 0-9, at least one. str.isdigit alone also takes "³" (then int() raises) and
     other scripts' digits such as "٣" (then int() reads 3): neither is a number a caller meant to send (where a
-    handset may send another script's digits, USSD keys and amounts, ascii_digits reads them first)."""
+    handset may send another script's digits, USSD keys and amounts, keypad reads them first)."""
     return text.isascii() and text.isdigit()
 
 
@@ -30,6 +30,22 @@ def ascii_digits(text: str) -> str:
         return text
     return "".join(c if c.isascii() else str(d) if (d := unicodedata.decimal(c, None)) is not None else c
                    for c in text)
+
+
+def keypad(text: str) -> str:
+    """`text` as the keys she pressed: full-width and half-width forms as the plain characters (what a CJK or
+    Arabic keyboard sends: "ＫＨＨＣ" is KHHC, "１＃" 1#, "１２．５０" 12.50), and each decimal digit of another script
+    as its ASCII digit (ascii_digits). Only the width part of NFKC (the characters Unicode decomposes as <wide> or
+    <narrow>): the rest reads "³" and "①" as 3 and 1, "½" as "1⁄2", "™" as TM, none a key on a keypad (is_number
+    and a code's form refuse them as before). For what the USSD menus read as keys, a code and an amount; free text
+    (a name) is stored as typed."""
+    if text.isascii():
+        return text
+    return ascii_digits("".join(unicodedata.normalize("NFKC", c) if _WIDTH.match(unicodedata.decomposition(c))
+                                else c for c in text))
+
+
+_WIDTH = re.compile(r"<(?:wide|narrow)> ")
 
 
 def admin_note(note: str | None, what: str) -> str:

@@ -12,7 +12,7 @@ from channels.ussd.types import UssdReply, UssdTurn
 from core import gsm
 from core.errors import DomainError
 from core.money import Money
-from core.text import ascii_digits, is_number
+from core.text import is_number, keypad
 
 log = logging.getLogger("gateway.ussd")
 
@@ -253,12 +253,15 @@ def _level(sizes: list[int], over: int) -> int:
 
 
 def typed_key(text: str) -> str:
-    """A key press as the menus read it: digits of another script as ASCII ones ("１", "١": 1) and a choice
-    typed with leading zeros as its number ("01": 1, "098": More), as a member who pads a choice to two digits
-    means it. "0" (Back) and "00" (Home) are themselves, and zeros only ("000") are no choice."""
-    key = ascii_digits(text)
-    if is_number(key) and key not in (BACK, HOME) and key.strip("0"):
-        return key.lstrip("0")
+    """A key press as the menus read it (keypad): full-width forms and digits of another script as the ASCII ones
+    ("１", "١": 1), and a choice padded with one zero as its number ("01": 1, "098": More), as a member who pads a
+    choice to the width of the menu's numbers (two digits, 98 More) means it. "0" (Back) and "00" (Home) are
+    themselves; zeros only ("000") and a choice after more than one zero ("001", "0000001") are no choice: padding
+    to a menu's width takes one zero at most, and "00" then a number is as likely Home mistyped as the number, so
+    she is asked again rather than one of the two guessed."""
+    key = keypad(text)
+    if is_number(key) and key not in (BACK, HOME) and key.strip("0") and not key.startswith("00"):
+        return key.removeprefix("0")
     return key
 
 
@@ -307,9 +310,9 @@ class Engine:
         if screen is None or isinstance(screen, End):
             state.stack.clear()
             return await self.show(ctx, self.home, push=False)
-        # A trailing "#" is the Send key, which some handsets and aggregators leave on the input ("1#"): not
-        # part of what she typed, on a menu or in a name, a code or an amount.
-        text = text.strip().rstrip("#").rstrip()
+        # A trailing "#" is the Send key, which some handsets and aggregators leave on the input ("1#", or "1＃"
+        # full-width): not part of what she typed, on a menu or in a name, a code or an amount.
+        text = text.strip().rstrip("#\uff03").rstrip()
         key = typed_key(text)
         if key == HOME:
             state.stack.clear()

@@ -31,7 +31,7 @@ from core.payments import wallets_by_operator
 from core.phone import operator_on_network
 from core.ports import refusal_for
 from core.state.payment import COLLECTED, OPEN, PaymentStatus, holds_money, shown_status
-from core.text import ascii_digits, is_number
+from core.text import is_number, keypad
 
 if TYPE_CHECKING:
     from core.payments import NewPayment, PaymentContext
@@ -54,6 +54,8 @@ _DECIMAL_AMOUNT = re.compile(r"([0-9]+)(?:[.,]([0-9]+))?", re.ASCII)
 # An amount with its thousands grouped by commas, as the screens write it outside French ("1,000 UGX", "usual:
 # 1,000.00 TZS"), the cents after a ".": a comma then exactly three digits, again and again.
 _GROUPED_AMOUNT = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?", re.ASCII)
+# The same with the Arabic thousands separator (U+066C), the cents after the Arabic decimal one (U+066B) or a ".".
+_ARABIC_GROUPED = re.compile(r"[0-9]{1,3}(?:\u066c[0-9]{3})+(?:[\u066b.][0-9]+)?")
 
 
 def actor(ctx: Ctx) -> Actor:
@@ -549,10 +551,10 @@ def _registration(ctx: Ctx, coop: CoopRow) -> str:
 
 
 async def validate_code(ctx: Ctx, text: str) -> str:
-    # Digits of another script as the ASCII ones, as on the menu that led here: a handset that sends "١" for the key
-    # 1 sends her code "٤٠٢١" so (a code is ASCII letters and digits: nothing else could match), and was told no
-    # cooperative had it.
-    code = ascii_digits(text.strip())
+    # Read as on the menu that led here (keypad): a handset that sends "١" for the key 1 sends her code "٤٠٢١" so,
+    # and one with a full-width keyboard "ＫＨＨＣ" (a code is ASCII letters, digits, "_" and "-": nothing else
+    # could match); each was told no cooperative had it.
+    code = keypad(text.strip())
     if not 2 <= len(code) <= 32:
         raise Invalid()
     async with cache.autocommit(ctx.rt) as conn:
@@ -711,12 +713,23 @@ def _ungrouped(text: str, language: str) -> str:
     return text
 
 
+def _arabic_marks(text: str) -> str:
+    """`text` with the Arabic decimal separator "٫" (U+066B) as ".", and the Arabic thousands separator "٬"
+    (U+066C) dropped where it groups digits by three ("١٬٠٠٠٫٥٠" is 1000.50, in every language: neither mark is
+    ambiguous as "," is): what an Arabic keyboard types for 12.50 was refused in GHS or KES and asked again. NFKC
+    leaves both as they are. The "." is then checked as one typed (cents where the currency has them, at most its
+    places); a "٬" anywhere else stays, and is refused."""
+    if "\u066c" in text and _ARABIC_GROUPED.fullmatch(text):
+        text = text.replace("\u066c", "")
+    return text.replace("\u066b", ".")
+
+
 async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     places = exponent(currency)
-    # Digits of another script as the ASCII ones ("٢٠٠٠٠" is 20000, as on a menu): the confirmation then shows the
-    # amount as the screens write it, before anything is charged.
-    text = _ungrouped(ascii_digits(text), ctx.state.lang)
+    # Read as the menus read keys ("٢٠٠٠٠" and "２００００" are 20000), with Arabic separators as the ASCII ones
+    # (_arabic_marks): the confirmation then shows the amount as the screens write it, before anything is charged.
+    text = _ungrouped(_arabic_marks(keypad(text)), ctx.state.lang)
     if places:
         # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
         # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter

@@ -261,9 +261,10 @@ async def test_a_confused_members_walk_keeps_every_screen_valid(client: Any, dem
 
 def _meant(key: str) -> str:
     """The key as the menus read it: the Send key ("#") left on it dropped, digits of any script ASCII, a choice
-    padded with zeros ("01", "١") its number; "0" and "00" themselves."""
+    padded with one zero ("01", "٠١") its number, with more ("001") none; "0" and "00" themselves."""
     typed = "".join(str(unicodedata.decimal(c, c)) for c in key.strip().rstrip("#").rstrip())
-    return typed.lstrip("0") if typed.isascii() and typed.isdigit() and typed.strip("0") else typed
+    padded = typed.isascii() and typed.isdigit() and typed.strip("0") and not typed.startswith("00")
+    return typed.removeprefix("0") if padded else typed
 
 
 def _same(reply: str, screen: str) -> bool:

@@ -121,7 +121,8 @@ async def test_home_from_deep_and_unknown_choices(engine: Engine) -> None:
     assert c.state.screen == "confirm" and "00. Home" in (await engine.render(c)).text
     assert await engine.step(c, "00") == home
     assert c.state.stack == []
-    for junk in ("", "9", "000", "-1", "abc", "1*2", "98", "#", "\u00b3"):  # ("01" is 1: test_typed_keys)
+    # ("01" is 1, "001" none: test_typed_keys)
+    for junk in ("", "9", "000", "001", "-1", "abc", "1*2", "98", "#", "\uff03", "\u00b3", "\u2460"):
         reply = await engine.step(c, junk)
         assert reply.text.startswith("Invalid choice.\n"), junk
     assert (await engine.step(c, "1")).text.startswith("Choose what to pay:")

@@ -1,7 +1,9 @@
 """Keys as handsets send them, through each aggregator's endpoint: a choice padded with a zero ("01"), the Send key
-left on the input ("1#"), digits of another script ("１", full-width; "١", Arabic-Indic). Each was answered
-"Invalid choice" and the member could not pay. "0" (Back) and "00" (Home) keep their meaning, zeros only are no
-choice, and every hop is still a valid CON or END."""
+left on the input ("1#", "1＃"), digits of another script ("１", full-width; "١", Arabic-Indic), full-width letters
+in a code, the Arabic decimal and thousands separators in an amount. Each was answered "Invalid choice" (or "No
+cooperative has this code", or asked for the amount again) and the member could not pay. "0" (Back) and "00"
+(Home) keep their meaning, zeros only and a choice after more than one zero are no choice, and every hop is still
+a valid CON or END."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from typing import Any
 import pytest
 
 from core.models import Cooperative, Member, Payment, PaymentType
+from tests.admin_api.conftest import Caller, bearer
 from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_amount_with_cents import AKOSUA, KWAME, ghana_coop, to_the_amount
 from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_EN_MTN
 from tests.channels.ussd.test_hubtel_nalo_flows import HubtelPhone, nalo
 
@@ -38,7 +42,10 @@ async def test_africastalking_reads_padded_hashed_and_full_width_keys(client: An
     assert (payment.amount_minor, payment.payment_type_id) == (5_000, demo["payment_types"]["Water"])
 
 
-@pytest.mark.parametrize("typed", ["\uff12\uff10,\uff10\uff10\uff10#", "\u0662\u0660\u0660\u0660\u0660", "020000#"])
+@pytest.mark.parametrize("typed", [
+    "\uff12\uff10,\uff10\uff10\uff10#", "\u0662\u0660\u0660\u0660\u0660", "020000#",
+    "\uff12\uff10\uff0c\uff10\uff10\uff10\uff03",  # full-width "，" (a comma as "," is) and "＃"
+    "\u0662\u0660\u066c\u0660\u0660\u0660"])  # the Arabic thousands separator
 async def test_an_amount_typed_in_other_digits_or_with_the_send_key(client: Any, demo: Any, db: Any, rt: Any,
                                                                     typed: str) -> None:
     async with rt.sessionmaker.begin() as s:
@@ -48,8 +55,9 @@ async def test_an_amount_typed_in_other_digits_or_with_the_send_key(client: Any,
     await phone.dial()
     await phone.send("1")
     assert (await phone.send("1")).startswith("CON Enter amount in RWF (usual: 10,000 RWF):")  # Donation
-    # "²⁰⁰⁰⁰" is no amount (superscripts are no keys), nor is a full-width comma a thousands' one.
-    for bad in ("\u00b2\u2070\u2070\u2070\u2070", "20\uff0c000"):
+    # "²⁰⁰⁰⁰" is no amount (superscripts are no keys), nor is a comma, full-width or Arabic ("٬"), that groups no
+    # thousands.
+    for bad in ("\u00b2\u2070\u2070\u2070\u2070", "20\u066c00", "20\uff0c00"):
         assert (await phone.send(bad)).startswith("CON Enter a whole amount in RWF, e.g. 5000:"), bad
     confirm = await phone.send(typed)
     assert "Amount: 20,000 RWF" in confirm, confirm
@@ -79,7 +87,7 @@ async def test_nalo_reads_padded_hashed_and_full_width_keys(client: Any, demo: A
     assert types["MSGTYPE"] is True and types["MSG"].startswith("Choose what to pay:"), types
     assert (await nalo(client, "nalo-keys-1", "00#", False, GH_EN_MTN))["MSG"] == home["MSG"]
     await nalo(client, "nalo-keys-1", "1#", False, GH_EN_MTN)
-    assert (await nalo(client, "nalo-keys-1", "002", False, GH_EN_MTN))["MSG"].startswith("Pay Water")
+    assert (await nalo(client, "nalo-keys-1", "02", False, GH_EN_MTN))["MSG"].startswith("Pay Water")
     done = await nalo(client, "nalo-keys-1", "01#", False, GH_EN_MTN)
     assert done["MSGTYPE"] is False and done["MSG"].startswith("Approve"), done
     assert (await db.one(Payment)).idempotency_key == "ussd:nalo:nalo-keys-1"
@@ -99,3 +107,91 @@ async def test_a_cooperative_code_typed_in_other_digits(client: Any, demo: Any, 
     assert (await phone.send("Alice Mukamana")).startswith("END Thank you Alice Mukamana.")
     member = await db.one(Member, Member.name == "Alice Mukamana")
     assert member.cooperative_id == (await db.one(Cooperative, Cooperative.short_code == "4021")).id
+
+
+async def test_full_width_send_key_letters_and_runs_of_zeros_on_africastalking(client: Any, demo: Any, db: Any,
+                                                                              rt: Any) -> None:
+    """A full-width keyboard's "＃" (U+FF03) was kept on the input ("２＃": Invalid choice), its letters were no
+    code ("ｒｔｓ－２": No cooperative has this code); and "0000001" chose 1, where more than one zero before a
+    choice is as likely "00" (Home) mistyped: asked again. The name she types is stored as typed, less the ＃."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Remera Teachers SACCO", short_code="RTS-2", country="RW", currency="RWF",
+                          status="ACTIVE", self_registration=True))
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    # Full-width "001" too; and "①" is no key (NFKC would read it as 1: only the width forms are read).
+    for padded in ("001", "0000001", "\uff10\uff10\uff11", "0098", "\u2460"):
+        assert (await phone.send(padded)).startswith("CON Invalid choice.\nWelcome to"), padded
+    types = await phone.send("\uff10\uff11\uff03")  # full-width 01, full-width Send key: Pay
+    assert types.startswith("CON Choose what to pay:\n1. Monthly Rent"), types
+    assert (await phone.send("002")).startswith("CON Invalid choice.\nChoose what to pay:")
+    confirm = await phone.send("\uff12\uff03")  # full-width 2, full-width Send key: Water
+    assert confirm.startswith("CON Pay Water\nAmount: 5,000 RWF"), confirm
+    assert await phone.send("\uff10\uff03") == types  # Back
+    assert await phone.send("00\uff03") == home  # Home
+    assert (await phone.send("\uff03")).startswith("CON Invalid choice.\nWelcome to")  # the Send key alone
+    assert await db.count(Payment) == 0
+
+    stranger = AtPhone(client, STRANGER)
+    await stranger.dial()
+    assert (await stranger.send("\uff11")).startswith("CON You are not registered yet.")
+    # Superscripts and circled letters are no keys: still no code.
+    assert (await stranger.send("RTS-\u00b2")).startswith("CON No cooperative has this code.")
+    prompt = await stranger.send("\uff52\uff54\uff53\uff0d\uff12\uff03")  # full-width "rts-2＃"
+    assert prompt.startswith("CON Enter your full name to join Remera Teachers SACCO:"), prompt
+    done = await stranger.send("\uff2d\uff41\uff52\uff49\uff45 Uwase\uff03")  # full-width "Ｍａｒｉｅ", Send key
+    assert done.startswith("END Thank you Marie Uwase."), done  # the screen's GSM-7 writes it plain
+    # Stored as she typed it, without the Send key.
+    member = await db.one(Member, Member.name == "\uff2d\uff41\uff52\uff49\uff45 Uwase")
+    assert member.cooperative_id == (await db.one(Cooperative, Cooperative.short_code == "RTS-2")).id
+
+
+@pytest.fixture
+async def operator(client: Any, demo: dict[str, Any]) -> Caller:
+    return await bearer(client, *demo["super_admin"])
+
+
+async def test_arabic_decimal_separator_and_runs_of_zeros_on_hubtel(operator: Caller, client: Any, db: Any) -> None:
+    """"١٢٫٥٠" (12.50 as an Arabic keyboard types it, U+066B the decimal separator) in GHS was "Enter an amount in
+    GHS, e.g. 10.50", which she had done. What a "." is refused for, "٫" is too."""
+    await ghana_coop(operator)
+    phone = HubtelPhone(client, "233" + KWAME[1:], "hubtel-arabic-1")
+    await phone.post("Initiation", "*384*123*7#")
+    assert (await phone.post("Response", "0001"))["Message"].startswith("Invalid choice.\nWelcome to")
+    prompt = await phone.post("Response", "01")  # Pay
+    prompt = await phone.post("Response", "\uff11\uff03")  # its one type
+    assert prompt["Message"].startswith("Enter amount in GHS (usual: GHS 20.50):"), prompt
+    for bad in ("12\u066b505", "1\u066b2\u066b3", "12\u066b", "\u066b", "0\u066b00", "12\u066c50", "1\u00bd"):
+        answer = await phone.post("Response", bad)
+        assert answer["Message"].startswith("Enter an amount in GHS, e.g. 10.50:\nEnter amount"), (bad, answer)
+    confirm = await phone.post("Response", "\u0661\u0662\u066b\u0665\u0660\uff03")
+    assert confirm["Type"] == "Response" and "GHS 12.50" in confirm["Message"], confirm
+    done = await phone.post("Response", "1")
+    assert done["Type"] == "Release" and "pay GHS 12.50" in done["Message"], done
+    payment = await db.one(Payment)
+    assert (payment.amount_minor, payment.currency) == (1250, "GHS")
+
+
+async def test_arabic_thousands_separator_and_full_width_point_on_nalo(operator: Caller, client: Any,
+                                                                       db: Any) -> None:
+    """Nalo, in English and in French (whose "," is the decimal mark: "٬" groups thousands there too, it is no
+    comma), and a full-width "．" as the decimal point."""
+    await ghana_coop(operator)
+    assert (await to_the_amount(client, "nalo-arabic-1", KWAME)).startswith("Enter amount in GHS")
+    assert (await nalo(client, "nalo-arabic-1", "1\u066c00", False, KWAME))["MSG"].startswith(
+        "Enter an amount in GHS, e.g. 10.50:")  # "٬" groups by three or is no amount
+    confirm = await nalo(client, "nalo-arabic-1", "\u0661\u066c\u0662\u0660\u0660\u066b\u0665", False, KWAME)
+    assert "GHS 1,200.50" in confirm["MSG"], confirm
+    assert (await nalo(client, "nalo-arabic-1", "1", False, KWAME))["MSGTYPE"] is False
+
+    await nalo(client, "nalo-arabic-2", "*384*123*7#", True, AKOSUA)
+    assert (await nalo(client, "nalo-arabic-2", "0000001", False, AKOSUA))["MSG"].startswith("Choix invalide")
+    await nalo(client, "nalo-arabic-2", "1", False, AKOSUA)
+    assert "GHS 20,50" in (await nalo(client, "nalo-arabic-2", "1", False, AKOSUA))["MSG"]
+    confirm = await nalo(client, "nalo-arabic-2", "2\u066c000", False, AKOSUA)
+    assert "GHS 2 000,00" in confirm["MSG"], confirm
+    assert await nalo(client, "nalo-arabic-2", "0", False, AKOSUA)  # Back to the amount
+    confirm = await nalo(client, "nalo-arabic-2", "\uff11\uff12\uff0e\uff15", False, AKOSUA)
+    assert "GHS 12,50" in confirm["MSG"], confirm
+    await nalo(client, "nalo-arabic-2", "1", False, AKOSUA)
+    assert sorted(p.amount_minor for p in await db.all(Payment)) == [1250, 120_050]
