@@ -65,6 +65,39 @@ if room then
 end
 return out
 """
+# `_COUNT_ALL` once per token (`hit_all_once`): KEYS[1] keeps the token's verdict (when it was counted, or "-" for
+# refused), written in the same command as the counts, so two requests of one token at once (an aggregator's retry
+# of a text while its first try is still at work) count it once: the second finds the first's verdict and counts
+# nothing. KEYS[2], ...: each limit's current and previous window, as _COUNT_ALL's, all of the subject's tag (one
+# node). ARGV[1]: the verdict's expiry; ARGV[2]: what it keeps when counted (the time, repr); then each limit's
+# three, as _COUNT_ALL's. Returns the verdict kept before (false when none: then this one decided), then the counts
+# as _COUNT_ALL returns them (none when a verdict was kept).
+_COUNT_ALL_ONCE = """
+local kept = redis.call('GET', KEYS[1])
+if kept then return {kept} end
+local out = {false}
+local room = true
+for i = 2, #KEYS, 2 do
+  local j = (i - 2) / 2 * 3 + 2
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local weight = tonumber(ARGV[j + 2])
+  local previous = 0
+  if weight > 0 then previous = tonumber(redis.call('GET', KEYS[i + 1]) or '0') end
+  if n + math.floor(previous * weight) >= tonumber(ARGV[j + 3]) then room = false end
+  out[#out + 1] = n
+  out[#out + 1] = previous
+end
+if room then
+  for i = 2, #KEYS, 2 do
+    redis.call('INCR', KEYS[i])
+    redis.call('EXPIRE', KEYS[i], ARGV[(i - 2) / 2 * 3 + 3])
+  end
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+else
+  redis.call('SET', KEYS[1], '-', 'EX', ARGV[1])
+end
+return out
+"""
 # A counted request taken back (`uncount`): the window it was counted in loses one, never below 0 (a key that
 # expired meanwhile stays absent: a DECR would create it at -1, without an expiry). DECR keeps the expiry.
 _UNCOUNT = """
@@ -143,6 +176,16 @@ class Decision:
     reset: int
     retry_after: int  # refused: whole seconds to wait, at least 1, that get the next request allowed; else 0
     used: int = 0  # the (weighted) count the decision was made on, this request included when counted
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What `hit_all_once` decided for a token: by this request (`decisions`: its own, as `hit_all`'s), or by an
+    earlier request of the same token (`decisions` empty), which this one follows without counting."""
+
+    allowed: bool  # counted in every limit (by this request, or the token's first)
+    at: float | None  # when it was counted (the `now` it was counted at); None when refused
+    decisions: tuple[Decision, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +334,35 @@ class RateLimiter:
         in none. The decisions in `limits`' order: all allowed, it was counted; else the refused ones refused it,
         and the others only say there was room (as `peek`)."""
         now = time.time() if now is None else now
+        keys, args, counts = self._all_args(limits, subject, now)
+        results = await self._redis.eval(_COUNT_ALL, len(keys), *keys, *args)
+        return _decide_all(limits, counts, now, results)
+
+    async def hit_all_once(self, limits: Sequence[Limit], subject: str, token: str, *, ttl: int,
+                           now: float | None = None) -> Verdict:
+        """`hit_all` for the first request of `token` (what is counted: a text, by its inbound id) in `ttl` seconds;
+        a later one, or one at the same time, counts nothing and gets that first request's verdict (whether it was
+        counted, and when). The verdict is kept by the same command that counts, under a key of the subject's tag
+        (one node), so no interleaving of two requests of a token counts it twice, and none waits for another:
+        nothing is held between the count and the verdict, so a request whose process dies leaves both or neither.
+        The verdict expires after `ttl` seconds: a request of the token after that is counted again."""
+        now = time.time() if now is None else now
+        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+        mark = f"{self._prefix}:{subject_tag(subject)}:{limits[0].name}:once:{digest}"
+        keys, args, counts = self._all_args(limits, subject, now)
+        results = await self._redis.eval(_COUNT_ALL_ONCE, len(keys) + 1, mark, *keys, ttl, repr(now), *args)
+        kept = results[0]
+        if kept is not None:
+            at = None if kept in (b"-", "-") else float(kept)
+            return Verdict(at is not None, at, ())
+        decisions = _decide_all(limits, counts, now, results[1:])
+        allowed = all(decision.allowed for decision in decisions)
+        return Verdict(allowed, now if allowed else None, decisions)
+
+    def _all_args(self, limits: Sequence[Limit], subject: str,
+                  now: float) -> tuple[list[str], list[str | int], list[int]]:
+        """The keys and arguments of one _COUNT_ALL (each limit's current and previous window; its expiry, previous
+        window's weight and effective count), and each limit's effective count."""
         keys: list[str] = []
         args: list[str | int] = []
         counts: list[int] = []
@@ -299,12 +371,7 @@ class RateLimiter:
             keys.extend(window_keys)
             args.extend(window_args[len(window_keys):])  # the expiry, the previous window's weight, the count
             counts.append(allowed_count)
-        results = [int(n) for n in await self._redis.eval(_COUNT_ALL, len(keys), *keys, *args)]
-        pairs = [(results[2 * i], results[2 * i + 1]) for i in range(len(limits))]
-        counted = all(_decide(limit, allowed_count, now, current, previous, counted=False).allowed
-                      for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
-        return tuple(_decide(limit, allowed_count, now, current, previous, counted=counted)
-                     for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
+        return keys, args, counts
 
     async def uncount(self, limit: Limit, subject: str, *, now: float) -> None:
         """Take back one request `hit` counted at `now` (the same `now`: the window it was counted in, even if
@@ -390,6 +457,17 @@ def _first_allowed(limit: Limit, allowed_count: int, start: int, current: int, p
     while _weighted(limit, start, current, previous, origin + seconds) >= allowed_count:
         seconds += 1
     return seconds
+
+
+def _decide_all(limits: Sequence[Limit], counts: Sequence[int], now: float,
+                results: Sequence[Any]) -> tuple[Decision, ...]:
+    """The decisions of one _COUNT_ALL from its counts (each limit's current and previous window, before it): counted
+    in every limit when each had room, else in none."""
+    pairs = [(int(results[2 * i]), int(results[2 * i + 1])) for i in range(len(limits))]
+    counted = all(_decide(limit, allowed_count, now, current, previous, counted=False).allowed
+                  for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
+    return tuple(_decide(limit, allowed_count, now, current, previous, counted=counted)
+                 for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
 
 
 def _decide(limit: Limit, allowed_count: int, now: float, current: int, previous: int, *,

@@ -235,11 +235,14 @@ async def test_delivery_reports_parked_and_taken_in_a_multi(client: Any, rt: Any
 
 async def test_a_keyword_reply_is_counted_and_its_verdict_kept_on_their_nodes(client: Any, rt: Any, demo: Any,
                                                                               cluster: Cluster) -> None:
-    """A keyword's reply is counted in its two windows by one EVAL of four keys of the number's tag
-    (RateLimiter.hit_all), and its verdict kept with when it was counted by one MULTI of two keys of the text's
-    tag, read back by one MGET on the aggregator's retry: each on its node."""
+    """A keyword's reply is counted in its two windows, and the text's verdict kept with when it was counted, by one
+    EVAL of five keys of the number's tag (RateLimiter.hit_all_once); the verdict is also kept as the release before
+    keeps it, by one MULTI of two keys of the text's tag, read back by one MGET on the aggregator's retry: each on
+    its node."""
+    import hashlib
+
     from channels.sms import routes
-    from core.ratelimit import RateLimiter
+    from core.ratelimit import RateLimiter, subject_tag
     from tests.channels.sms.helpers import jobs_of
     from tests.channels.sms.test_routes import ALINE, inbound
 
@@ -251,6 +254,8 @@ async def test_a_keyword_reply_is_counted_and_its_verdict_kept_on_their_nodes(cl
     verdict, at = (routes._taken_key(index, "in-cluster", what) for what in ("reply", "reply-at"))
     port = cluster.port_of(verdict)
     assert port == cluster.port_of(at) and cluster.held_by(port, verdict) == b"1" and cluster.held_by(port, at)
+    mark = f"rl:{subject_tag(index)}:{routes.REPLY_LIMIT.name}:once:{hashlib.sha256(b'in-cluster').hexdigest()[:32]}"
+    assert cluster.held_by(cluster.port_of(mark), mark) == cluster.held_by(port, at)  # when it was counted
     limiter = RateLimiter(rt.redis)
     assert [(await limiter.peek(limit, index)).used for limit in (routes.REPLY_LIMIT, routes.REPLY_DAILY_LIMIT)
             ] == [1, 1]

@@ -487,10 +487,11 @@ async def inbound(request: web.Request) -> web.Response:
                 select(Member.id).where(Member.phone_index == index).order_by(Member.id)
                 .with_for_update(key_share=True))).scalars().all()
             stale = not retried and not await set_number_opt_out(session, index, opt_out, _said_at(date))
-            if stale and not counted and counted_at is not None and (await session.execute(
+            if stale and counted_at is not None and (await session.execute(
                     select(OutboxJob.id).where(OutboxJob.dedupe_key == f"sms:{dedupe}"))).first() is not None:
-                # Counted by an earlier try of this text that queued its reply (taken, its mark lost, or this
-                # retry in before it was written): that reply's count, kept if it went, else given back by its job.
+                # Another try of this text queued its reply (taken, its mark lost, or this retry in before it was
+                # written; or a try at once, which took this one's count): the count is that reply's, whichever try
+                # made it (one per text), kept if it went, else given back by its job.
                 counted_at = None
             if held and not (retried or stale):
                 # The flags as they are now, not as read above: a STOP of hers committed while this waited for the
@@ -708,18 +709,23 @@ def _reply_limits(command: str | None) -> tuple[Limit, ...]:
 async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None,
                          inbound_id: str, at: float) -> tuple[bool, float | None, bool]:
     """May this phone get a reply to `command` now (see REPLY_LIMIT)? Counted in each of its limits when all have
-    room for it, else in none (RateLimiter.hit_all: one counted in turn up to the first that refused kept the
-    counts before it, so a reply the daily limit refused used one of the 10 minutes' five). When they cannot be
-    checked (Redis down or restarting), no: the reply is skipped and logged, and the keyword itself still takes
-    effect. With when its reply was counted (COUNTED_AT: at `at`, or by an earlier try of the text; None when not,
-    or not known) and whether it was counted here.
+    room for it, else in none (RateLimiter.hit_all_once, as hit_all: one counted in turn up to the first that
+    refused kept the counts before it, so a reply the daily limit refused used one of the 10 minutes' five). When
+    they cannot be checked (Redis down or restarting), no: the reply is skipped and logged, and the keyword itself
+    still takes effect. With when its reply was counted (COUNTED_AT: at `at`, or by another try of the text,
+    earlier or at once; None when not, or not known) and whether it was counted here.
 
     Counted once per text: the verdict is kept by its inbound id (TAKEN_SECONDS), and the aggregator's retry of the
     text (our answer was late, or failed after the count) gets it again without counting. Counted again, a retry
     of a text not understood found the day's one help used by its own first try, and she never got it; the reply
-    itself goes once whatever the tries (its dedupe key names the inbound id). When it was counted is kept beside
-    the verdict, under a key of its own ("reply-at", the verdict's slot, written in the same transaction): the
-    verdict stays "1" or "0", as a process of the release before reads it (it tells nothing of the time)."""
+    itself goes once whatever the tries (its dedupe key names the inbound id). The verdict, with when it was
+    counted, is kept by the very command that counts (RateLimiter.hit_all_once, under the number's tag): a retry
+    arriving while the first try is still at work finds it too. Kept only after the count, both tries counted
+    before either kept it, and one text used two of her replies.
+
+    Also kept as the release before keeps it, and read there first (a text whose first try such a process took):
+    "1" or "0" ("reply", of the text's own tag) and when it was counted beside it ("reply-at", the same slot,
+    written in the same transaction)."""
     verdict_key = _taken_key(index, inbound_id, "reply")
     at_key = _taken_key(index, inbound_id, "reply-at")
     limiter = RateLimiter(rt.redis)
@@ -729,10 +735,12 @@ async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | N
             allowed = kept in (b"1", "1")
             return allowed, _counted_at(kept_at) if allowed else None, False
         limits = _reply_limits(command)
-        decisions = await limiter.hit_all(limits, index, now=at)
-        refused = next((limit for limit, decision in zip(limits, decisions, strict=True) if not decision.allowed),
-                       None)
-        allowed = refused is None
+        verdict = await limiter.hit_all_once(limits, index, inbound_id, ttl=TAKEN_SECONDS, now=at)
+        if not verdict.decisions:  # an earlier try of the text, or one at work at once, counted it (or was refused)
+            return verdict.allowed, verdict.at, False
+        refused = next((limit for limit, decision in zip(limits, verdict.decisions, strict=True)
+                        if not decision.allowed), None)
+        allowed = verdict.allowed
         if refused is not None:
             log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked(), "limit": refused.name})
         async with rt.redis.pipeline(transaction=True) as pipe:  # one slot: the digest's tag

@@ -5,6 +5,7 @@ in-memory one used while Redis is down, which must decide alike. The clock is pa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import time
@@ -211,6 +212,32 @@ async def test_hit_all_counts_in_every_limit_or_in_none(rt: Any, which: str) -> 
         [True, True], [True, True], [True, False], [True, False]]
     assert [decision.used for decision in decided[-1]] == [2, 2]
     assert [(await limiter.peek(limit, "u", now=now)).used for limit in (short, day)] == [2, 2]
+
+
+@clients
+async def test_hit_all_once_counts_a_token_once_whatever_arrives_at_once(rt: Any, which: str) -> None:
+    """A text's reply is counted once for the text (channels.sms.routes._reply_allowed): its tries at once (an
+    aggregator's retry while the first is at work) count it once, and every try gets the first's verdict, a refusal
+    as much as a consent, with when it was counted. The verdict is a key of the subject's tag, kept `ttl` seconds."""
+    redis = _client(rt, which)
+    limiter = RateLimiter(redis)
+    short, day = Limit("once:short", 2, window=600), Limit("once:day", 5, window=86_400)
+    now = T0 + 5
+    tries = await asyncio.gather(*(limiter.hit_all_once((short, day), "u", "in-1", ttl=900, now=now + i / 10)
+                                   for i in range(4)))
+    first = [verdict for verdict in tries if verdict.decisions]
+    assert len(first) == 1 and [decision.allowed for decision in first[0].decisions] == [True, True]
+    assert {(verdict.allowed, verdict.at) for verdict in tries} == {(True, first[0].at)}
+    assert [(await limiter.peek(limit, "u", now=now + 1)).used for limit in (short, day)] == [1, 1]
+    assert (await limiter.hit_all_once((short, day), "u", "in-2", ttl=900, now=now + 1)).allowed
+    refused = await limiter.hit_all_once((short, day), "u", "in-3", ttl=900, now=now + 2)
+    assert (refused.allowed, refused.at, [d.allowed for d in refused.decisions]) == (False, None, [False, True])
+    again = await limiter.hit_all_once((short, day), "u", "in-3", ttl=900, now=now + 3)
+    assert (again.allowed, again.at, again.decisions) == (False, None, ())
+    assert [(await limiter.peek(limit, "u", now=now + 3)).used for limit in (short, day)] == [2, 2]
+    [mark] = [key for key in await rt.redis.keys("rl:*once*") if key.endswith(
+        hashlib.sha256(b"in-1").hexdigest()[:32].encode())]
+    assert mark.startswith(f"rl:{subject_tag('u')}:".encode()) and 0 < await rt.redis.ttl(mark) <= 900
 
 
 @clients

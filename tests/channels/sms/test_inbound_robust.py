@@ -69,7 +69,7 @@ def redis_failing(monkeypatch: pytest.MonkeyPatch) -> None:
     async def down(*_args: Any, **_kwargs: Any) -> Any:
         raise redis.exceptions.ConnectionError("Error 111 connecting to redis: Connection refused")
 
-    monkeypatch.setattr(RateLimiter, "hit_all", down)
+    monkeypatch.setattr(RateLimiter, "hit_all_once", down)
 
 
 async def test_stop_holds_when_the_reply_rate_limit_cannot_be_checked(

@@ -3,17 +3,20 @@ and day, and sent only to numbers the gateway serves; a keyword read through the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from channels.sms.routes import parse_keyword
+from channels.sms.routes import REPLY_DAILY_LIMIT, REPLY_LIMIT, parse_keyword
 from core.audit import Actor
 from core.members import create_member
 from core.models import AuditEvent, Cooperative, Member, PhoneOptOut
 from core.phone import normalize
+from core.ratelimit import RateLimiter
 from core.reminders import scan, why_not_send
 from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
@@ -439,6 +442,43 @@ async def test_a_retry_of_a_text_refused_a_reply_is_refused_it_again(
     await inbound(sms_client, ALINE, "Hello??", "in-second")  # the day's help is used: no reply
     await inbound(sms_client, ALINE, "Hello??", "in-second")  # the aggregator's retry of it
     assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
+
+
+async def test_two_tries_of_a_text_taken_at_once_count_its_reply_once(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator posts a text again when our answer is slow: its retry can arrive while the first try is still
+    at work. Both counted the reply before either kept the text's verdict, so one text used two of her five replies
+    per 10 minutes (the reply itself went once: its dedupe key), and her fourth keyword after it got none. Lined up
+    here, not left to timing: the first try's count comes back from Redis and that try waits there until the
+    second try's count has come back too."""
+    real_eval = rt.redis.eval
+    second_counted = asyncio.Event()
+    tries: list[str] = []
+
+    async def lined_up(script: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        answer = await real_eval(script, numkeys, *keys_and_args)
+        if any(":sms:reply:" in str(key) for key in keys_and_args[:numkeys]):  # a reply's count
+            tries.append("counted")
+            if len(tries) == 1:
+                with contextlib.suppress(TimeoutError):  # a fix that made the second wait for the first
+                    await asyncio.wait_for(second_counted.wait(), 5)
+            else:
+                second_counted.set()
+        return answer
+
+    with monkeypatch.context() as patched:
+        patched.setattr(rt.redis, "eval", lined_up)
+        both = await asyncio.gather(*(inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "in-twice")
+                                      for _ in range(2)))
+    assert [answer.status for answer in both] == [200, 200] and len(tries) == 2 and second_counted.is_set()
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["not_found"]
+    index = rt.cipher.blind_index(ALINE)
+    limiter = RateLimiter(rt.redis)
+    assert [(await limiter.peek(limit, index)).used for limit in (REPLY_LIMIT, REPLY_DAILY_LIMIT)] == [1, 1]
+    for i in range(5):  # four more get a reply, the fifth is refused
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"in-next-{i}")
+    assert len(await jobs_of(rt, "sms.send")) == 5
 
 async def test_stop_audits_only_the_memberships_it_changed(rt: Any, demo: dict[str, Any], sms_client: Any) -> None:
     """A number in two cooperatives whose membership in one was opted out already (by its admin): her STOP turns off

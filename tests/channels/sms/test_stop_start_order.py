@@ -11,6 +11,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text, update
 
 from channels.sms.routes import _taken_key
@@ -197,6 +198,44 @@ async def test_a_stale_retry_gives_back_no_count_of_a_reply_its_first_try_queued
     assert await _replies_to_status(rt, sms_client, 5) == 3
     await drain(worker)
     assert len(sim.messages(ALINE)) == 5
+
+
+@pytest.mark.parametrize("went", [True, False], ids=["reply-went", "reply-not-sent"])
+async def test_a_stop_taken_twice_at_once_and_then_stale_counts_its_reply_once(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any, went: bool
+) -> None:
+    """Her STOP's first try counts its reply and is held there; its retry (our answer was slow) comes in meanwhile,
+    takes the STOP whole and queues the reply; her START is taken; then the first try goes on, stale. The text's
+    reply is counted once, by the first try, for both: when the reply went before her START was taken it stays
+    counted (the stale try gives back nothing: 3 of her next 5 keywords answered), when it was not sent (her
+    START taken since) its job gives it back, once (4 answered). Counted by each try, the reply not sent kept one
+    of her five."""
+    real_eval = rt.redis.eval
+    counted, go = asyncio.Event(), asyncio.Event()
+
+    async def lined_up(script: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        answer = await real_eval(script, numkeys, *keys_and_args)
+        if not counted.is_set() and any(":sms:reply:" in str(key) for key in keys_and_args[:numkeys]):
+            counted.set()  # the first try's count: held here until the test lets it go on
+            await asyncio.wait_for(go.wait(), 30)
+        return answer
+
+    await early_in_window(600, room=60)
+    with monkeypatch.context() as patched:
+        patched.setattr(rt.redis, "eval", lined_up)
+        first = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
+        await asyncio.wait_for(counted.wait(), 30)
+        await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry, taken whole
+        if went:
+            await drain(worker)
+        await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+        await drain(worker)
+        go.set()
+        await first  # stale now: no reply
+    assert await _state(rt, demo) == (False, False)
+    replies = [render("opted_out", "rw", {})] if went else []
+    assert [m["message"] for m in sim.messages(ALINE)] == [*replies, render("opted_in", "rw", {})]
+    assert await _replies_to_status(rt, sms_client, 5) == (3 if went else 4)
 
 
 @requires_pg
