@@ -87,8 +87,9 @@ DISCARD = {
                    "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome; "
                    "its provider not in PROVIDERS, only until the approval window and its grace are over). A "
                    "payment.contested job's flag is set on its payment by the discard itself. An sms.send's message "
-                   "is FAILED; a keyword's reply never handed to Africa's Talking gives its count against the "
-                   "number's reply limits back.",
+                   "is FAILED; a keyword's reply never handed to Africa's Talking (or never stored: its job parked "
+                   "before it built the text) gives its count against the number's reply limits back, through an "
+                   "sms.give_back job queued with the discard (the worker runs it moments later).",
 }
 JOB = out(
     {
@@ -312,7 +313,6 @@ async def discard_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     its own: one refused (a refund's while its refund is open) is left PARKED and named with its reason."""
     reason = _reason(ctx)
     done, skipped, more, last = await _each_parked(ctx, lambda job_id: _discard_one(ctx, job_id, reason))
-    await _committed(ctx)
     return json_response({"discarded": done, "skipped": skipped, "discardedCount": len(done),
                           "skippedCount": len(skipped), "more": more, "lastId": last})
 
@@ -335,7 +335,6 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
     done: list[int] = []
     skipped: list[dict[str, Any]] = []
     for job_id in ids[:limit]:
-        left = len(ctx.request.get(ONCE_COMMITTED, ()))
         try:
             async with ctx.session.begin_nested():
                 job = await lock_row(ctx.session, OutboxJob, job_id)
@@ -349,7 +348,6 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
                                    code=INVALID_STATE)
                 await act(job_id)
         except Conflict as exc:
-            del ctx.request.get(ONCE_COMMITTED, [])[left:]  # rolled back with its savepoint
             skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
         else:
             done.append(job_id)
@@ -420,9 +418,7 @@ async def discard(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.who.scope(select(OutboxJob.id).where(OutboxJob.id == job_id), OutboxJob))).scalar_one_or_none()
     if visible is None:
         raise NotFound("job not found")
-    job = await _discard_one(ctx, job_id, reason)
-    await _committed(ctx)
-    return json_response(present(job))
+    return json_response(present(await _discard_one(ctx, job_id, reason)))
 
 
 def _reason(ctx: Ctx) -> str:
@@ -455,24 +451,9 @@ async def _discard_one(ctx: Ctx, job_id: int, reason: str) -> OutboxJob:
 
 
 async def _sms_not_sent(ctx: Ctx, job: OutboxJob, parked_with: str | None, reason: str) -> None:
-    await sms_jobs.fail_for_discard(ctx.rt, ctx.session, job.payload or {}, parked_with, reason=reason,
-                                    actor=ctx.who.actor, committed=_once_committed(ctx))
-
-
-# What a discard does outside the database once it has committed (_committed): a keyword reply's count given back
-# (channels.sms.jobs.fail_for_discard), which a discard that did not commit must not have done.
-ONCE_COMMITTED: web.RequestKey[list[Callable[[], Awaitable[None]]]] = web.RequestKey("jobs_once_committed")
-
-
-def _once_committed(ctx: Ctx) -> list[Callable[[], Awaitable[None]]]:
-    return ctx.request.setdefault(ONCE_COMMITTED, [])
-
-
-async def _committed(ctx: Ctx) -> None:
-    """Commit the discards, then do what they left for after (_once_committed)."""
-    await ctx.session.commit()
-    for then in ctx.request.pop(ONCE_COMMITTED, []):
-        await then()
+    # A keyword's reply gives its count back through an outbox job queued here (channels.sms.jobs.GIVE_BACK_JOB):
+    # run once the discard has committed, none when it rolls back (with its savepoint, in a bulk discard).
+    await sms_jobs.fail_for_discard(ctx.session, job, parked_with, reason=reason, actor=ctx.who.actor)
 
 
 async def _payment_still_asked(ctx: Ctx, job: OutboxJob) -> None:

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -57,7 +57,7 @@ from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
 from core.members import PhoneReleased, number_came_since_rows, number_opted_out
-from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, SmsMessage
+from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import (
     CALL_SENT,
@@ -68,6 +68,7 @@ from core.outbox import (
     Job,
     PermanentJobError,
     RetryLater,
+    enqueue,
     finish_unsent,
 )
 from core.ratelimit import Limit, RateLimiter
@@ -708,35 +709,82 @@ async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> N
     )
 
 
-async def fail_for_discard(rt: Runtime, session: AsyncSession, payload: dict[str, Any], parked_with: str | None, *,
-                           reason: str, actor: Actor, committed: list[Callable[[], Awaitable[None]]]) -> str | None:
+async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: str | None, *, reason: str,
+                           actor: Actor) -> str | None:
     """A parked 'sms.send' job is being discarded (admin_api.jobs), in the discard's transaction: its still-QUEUED
     message will never go, so it is FAILED ("discarded by an admin: <reason>", cut to the column's 64 characters:
     the whole reason is in the audit log and the job's lastError; the move audited as any is),
     no longer QUEUED_PARKED on the ops page, and prune may empty its text as any sent one's. Marked SKIPPED (never
     handed to the aggregator: not in the delivery rate; a reminder so marked is not counted as sent), unless the
     job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
-    send. The message's id, or None when no QUEUED message is stored for it (a job parked before it stored one: an
-    unknown template, a payload the build refused). A keyword's reply so marked gives its count back (_give_back:
-    once, a reply not sent at its turn then discarded included), put in `committed`: run once the discard has
-    committed (best effort). Given back before, a discard that did not commit left the reply parked and uncounted:
-    replayed, it went, one more than her limit."""
-    message_id = (await session.execute(select(SmsMessage.id).where(
-        SmsMessage.idempotency_key == message_key(payload), SmsMessage.status == SmsStatus.QUEUED.value)
-    )).scalar_one_or_none()
-    if message_id is None:
-        return None
+    send. The message's id, or None when no QUEUED message is stored for it.
+
+    A keyword's reply so marked gives its count back, and so does one whose job parked before it stored any message
+    (an unknown template: a release removed it; a payload the build refused): a message is sent only once stored, so
+    it never went. Given back by a GIVE_BACK_JOB queued here (_queue_give_back): it runs once the discard has
+    committed, and is retried until Redis takes it. Given back before the commit, a discard that did not commit left
+    the reply parked and uncounted (replayed, it went, one more than her limit); after it, in the request, a process
+    lost (or Redis failing) in between left it counted for good."""
+    payload = job.payload or {}
+    stored = (await session.execute(select(SmsMessage.id, SmsMessage.status).where(
+        SmsMessage.idempotency_key == message_key(payload)))).first()
     error = parked_with or ""
     may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
+    if stored is None:
+        if not may_have_gone:
+            await _queue_give_back(session, job)
+        return None
+    if stored.status != SmsStatus.QUEUED.value:
+        return None  # sent (or ended otherwise: a reply switched since gave its count back then)
     try:
-        await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, values={
+        await transition(session, SMS, stored.id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, values={
             "failure_reason": _fit("failure_reason", f"{DISCARDED_BY}{reason}"),
             "provider_status": None if may_have_gone else SKIPPED})
     except StaleTransition:
         return None  # sent meanwhile (its job ran it after all): nothing to fail
     if not may_have_gone:
-        committed.append(lambda: _give_back(rt, payload))
-    return message_id
+        await _queue_give_back(session, job)
+    return str(stored.id)
+
+
+# The outbox job that gives a discarded keyword reply's count back (fail_for_discard), queued in the discard's
+# transaction: none when the discard rolls back, and the worker runs it after the commit, tried again until Redis
+# takes it. Its payload names the discarded 'sms.send' job only ({"job_id"}), whose payload says whose count and
+# which (read when it runs: an erasure in between takes her number off that job, and the count stays).
+GIVE_BACK_JOB = "sms.give_back"
+
+
+async def _queue_give_back(session: AsyncSession, job: OutboxJob) -> None:
+    """Queue the GIVE_BACK_JOB of a discarded 'sms.send' `job`, if it is a keyword's reply that was counted
+    (COUNTED_AT in its context): once per job (its dedupe key)."""
+    payload = job.payload or {}
+    if not isinstance((payload.get("context") or {}).get(COUNTED_AT), int | float) or not payload.get("phone_enc"):
+        return
+    await enqueue(session, GIVE_BACK_JOB, {"job_id": job.id}, dedupe_key=f"{GIVE_BACK_JOB}:{job.id}",
+                  cooperative_id=job.cooperative_id)
+
+
+async def give_back_discarded(rt: Runtime, job: Job) -> None:
+    """Run a GIVE_BACK_JOB: the discarded reply's count given back (_give_back), once however often this runs
+    (give_back_reply: its mark in Redis). Not when Africa's Talking may have the message after all: its answer kept
+    for it (message_keys) means a send went out before PostgreSQL was restored to a point before its row (one never
+    stored is never sent otherwise). Redis away (redis_away): tried again later without using an attempt, as a
+    send waits for it; another Redis error uses one."""
+    async with rt.sessionmaker() as session:
+        discarded = await session.get(OutboxJob, int(job.payload["job_id"]))
+    payload = (discarded.payload if discarded is not None else None) or {}
+    if not payload:
+        return
+    _, kept = message_keys(message_key(payload))
+    try:
+        if await rt.hot_redis.get(kept) is not None:
+            return
+        await _give_back(rt, payload, best_effort=False)
+    except RedisError as exc:
+        if not redis_away(exc):
+            raise
+        raise RetryLater(random.uniform(*REDIS_AWAY_RETRY_SECONDS),
+                         f"waiting for Redis ({type(exc).__name__}): count not given back yet") from exc
 
 
 @functools.cache
@@ -822,16 +870,17 @@ def _texted(rt: Runtime, phone_enc: str) -> str:
     return rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
 
 
-async def _give_back(rt: Runtime, payload: dict[str, Any]) -> None:
-    """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin) gives back
-    its count against the number's reply limits (channels.sms.routes.COUNTED_AT), once whatever the runs of its job
-    and the ways it was not sent. One queued without it (an earlier release's, or by the retry of a text an earlier
-    release's try counted) stays counted."""
+async def _give_back(rt: Runtime, payload: dict[str, Any], *, best_effort: bool = True) -> None:
+    """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin:
+    give_back_discarded) gives back its count against the number's reply limits (channels.sms.routes.COUNTED_AT),
+    once whatever the runs of its job and the ways it was not sent. One queued without it (an earlier release's, or by
+    the retry of a text an earlier release's try counted) stays counted, and so does one whose number an erasure took
+    off its job. `best_effort`: as give_back_reply's."""
     counted_at = (payload.get("context") or {}).get(COUNTED_AT)
     phone_enc = payload.get("phone_enc")
     if isinstance(counted_at, int | float) and phone_enc:
         await give_back_reply(rt, _texted(rt, phone_enc), message_key(payload), float(counted_at),
-                              str(payload.get("template")))
+                              str(payload.get("template")), best_effort=best_effort)
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before
@@ -1060,7 +1109,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def webhook_deliver(job: Job) -> None:
         await webhooks.deliver(rt, job)
 
-    return {"sms.send": jobs.send, "webhook.event": webhook_event, "webhook.deliver": webhook_deliver}
+    async def give_back(job: Job) -> None:
+        await give_back_discarded(rt, job)
+
+    return {"sms.send": jobs.send, "webhook.event": webhook_event, "webhook.deliver": webhook_deliver,
+            GIVE_BACK_JOB: give_back}
 
 
 # The message row's text columns (String(N)): an aggregator's wording must not fail the outcome's write

@@ -61,9 +61,10 @@ HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
 # since, changed what it would tell (channels.sms.jobs: switched_since), or came first (a stale text gets none). Such
 # a reply gives its count back (give_back_reply), else a member switching a few times found her next keyword refused
 # a reply though she got fewer than the limit; and so does any keyword's reply an admin discards, parked, never handed
-# to the aggregator (channels.sms.jobs.fail_for_discard). Its context keeps when it was counted (clock()): the
-# windows it counted in: this try's count, or an earlier try's (the aggregator's retry after our 503), kept with the
-# text's verdict (_reply_allowed); not one an earlier release's try made, which kept no time.
+# to the aggregator (channels.sms.jobs.fail_for_discard: an outbox job of its own, GIVE_BACK_JOB). Its context keeps
+# when it was counted (clock()): the windows it counted in: this try's count, or an earlier try's (the aggregator's
+# retry after our 503), kept with the text's verdict (_reply_allowed); not one an earlier release's try made, which
+# kept no time.
 COUNTED_AT = "counted_at"
 # The replies to a text not understood: counted in the day's one help too (_reply_limits(None)), and given back there.
 NOT_UNDERSTOOD_REPLIES = frozenset({"unknown", "unknown_inactive"})
@@ -766,16 +767,20 @@ def _counted_at(kept: bytes | str | None) -> float | None:
         return None
 
 
-async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float, template: str) -> None:
+async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float, template: str, *,
+                          best_effort: bool = True) -> None:
     """A reply (`template`) counted at `counted_at` against the number's (`index`) reply limits and not sent after
     all (COUNTED_AT) counts no more: each window it was counted in loses it, once for the reply (`key`, its dedupe
     key: one per text), however often this is asked and by whichever way (its job run again, two runs at once, an
-    admin's discard after it). Best effort: Redis failing leaves it counted, as before (logged)."""
+    admin's discard after it). `best_effort`: Redis failing leaves it counted, as before (logged); else the error is
+    raised, for an outbox job (channels.sms.jobs: an admin's discard) to try again."""
+    # A keyword's: REPLY_LIMIT, REPLY_DAILY_LIMIT; the help to what was not understood, the day's help as well.
+    limits = _reply_limits(None if template in NOT_UNDERSTOOD_REPLIES else "STOP")
     try:
-        # A keyword's: REPLY_LIMIT, REPLY_DAILY_LIMIT; the help to what was not understood, the day's help as well.
-        limits = _reply_limits(None if template in NOT_UNDERSTOOD_REPLIES else "STOP")
         await RateLimiter(rt.redis).uncount_once(limits, index, key, now=counted_at)
     except (RedisError, OSError, TimeoutError) as exc:
+        if not best_effort:
+            raise
         log.warning("a reply not sent could not give its count back: it stays counted",
                     extra={"error": type(exc).__name__})
 

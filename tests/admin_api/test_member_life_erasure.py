@@ -125,6 +125,9 @@ async def test_a_discarded_reply_that_stored_no_text_loses_her_number_when_she_i
         job = await s.get(OutboxJob, job_id)
     assert job is not None and job.status == "DISCARDED"
     assert job.payload["phone_enc"] is None, job.payload
+    async with rt.sessionmaker() as s:  # the job giving her reply's count back names the discarded job only
+        given_back = (await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "sms.give_back"))).scalar_one()
+    assert given_back == {"job_id": job_id}
 
 
 async def test_her_session_opened_over_five_minutes_ago_and_still_going_goes_with_the_erasure(

@@ -4,18 +4,24 @@ to the aggregator), so the ops page no longer shows it waiting and prune may emp
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, update
 
+from channels.sms import templates
+from channels.sms.jobs import GIVE_BACK_JOB, Answer, message_key, message_keys
+from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, SmsMessage
 from core.notify import send_sms
 from core.ops import dashboard
 from core.outbox import INTERRUPTED
+from core.ratelimit import RateLimiter
 from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import inbound
-from tests.channels.sms.test_send_faults import ALINE, last_attempt, queue_receipt, the_job, the_row
+from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
 from tests.conftest import drain, early_in_window
 
 REASON = "the member paid at the office; receipt given by hand"
@@ -100,6 +106,7 @@ async def _reply_discarded(rt: Any, demo: dict[str, Any], sim: Any, worker: Any,
         row = (await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == job.payload["key"]))
                ).scalar_one()
     assert (row.status, row.provider_status) == ("FAILED", "Skipped")
+    await drain(worker)  # the count is given back by the job the discard queued (GIVE_BACK_JOB)
 
 
 async def test_a_discarded_reply_to_stop_gives_its_count_back_once(
@@ -156,6 +163,7 @@ async def test_a_discard_that_did_not_commit_gives_no_count_back(
     assert response.status >= 500
     monkeypatch.setattr(admin_jobs, "record", real)
     assert (await the_job(rt)).status == "PARKED"
+    assert await jobs_of(rt, GIVE_BACK_JOB) == []  # queued in the discard's transaction: rolled back with it
     sim.set_failure(None)
     await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
     await drain(worker)
@@ -178,7 +186,142 @@ async def test_a_reply_discarded_among_others_gives_its_count_back_once_committe
     answer = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "sms.send"})
     assert answer["discardedCount"] == 1
     sim.set_failure(None)
+    await drain(worker)
     for i in range(6):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
     await drain(worker)
     assert len(sim.messages(ALINE)) == 5
+
+
+async def _answered_of_six(rt: Any, worker: Any, sim: Any, client: Any) -> int:
+    """Aline's next six keywords (STATUS of a payment she does not have): how many replies she gets. Her 10 minutes
+    allow 5: 4 when a discarded reply of hers still counts, 6 when one was given back twice."""
+    before = len(sim.messages(ALINE))
+    for i in range(6):
+        await inbound(client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
+    await drain(worker)
+    return len(sim.messages(ALINE)) - before
+
+
+async def _stop_reply_parked(rt: Any, sim: Any, worker: Any, client: Any) -> OutboxJob:
+    """Aline's STOP; its reply's last try fails (an aggregator's 503): its job parks, its message QUEUED."""
+    await early_in_window(600, room=60)
+    await inbound(client, ALINE, "STOP", "at-stop")
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    sim.set_failure(None)
+    job = await the_job(rt)
+    assert job.status == "PARKED"
+    return job
+
+
+async def test_a_discarded_reply_gives_its_count_back_through_a_job_of_its_own_once_however_often_it_runs(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
+) -> None:
+    """The discard queues the give-back as an outbox job, in its transaction: a row, which a worker started after
+    the discard runs (given back in the request after the commit, a process lost in between left it counted for
+    good). Run twice (its worker lost after Redis took it, before DONE was written) and the discard sent again
+    (409), it gives the count back once: 5 of her next 7 keywords answered, not 6."""
+    from app import create_worker
+
+    job = await _stop_reply_parked(rt, sim, worker, sms_client)
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 409, json={"reason": REASON})
+    [back] = await jobs_of(rt, GIVE_BACK_JOB)
+    assert (back.status, back.payload, back.cooperative_id) == ("PENDING", {"job_id": job.id}, job.cooperative_id)
+    assert await drain(create_worker(rt)) == 1  # a worker of its own: the job is a row, not the request's memory
+    await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "status-first")  # counted: 1 of her 5
+    async with rt.sessionmaker.begin() as session:  # as if its worker were lost before writing DONE: its lease
+        assert (await session.get(OutboxJob, back.id)).status == "DONE"  # lapses, and another worker runs it again
+        await session.execute(update(OutboxJob).where(OutboxJob.id == back.id).values(
+            status="RUNNING", done_at=None, run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    # Given back again, her STATUS's count would go too: 6 replies in her 10 minutes.
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 4
+    assert len(sim.messages(ALINE)) == 5
+
+
+async def test_a_discarded_reply_whose_give_back_redis_refused_gives_it_back_on_a_later_try(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Redis away when the give-back job runs: it waits and tries again (its attempt kept, as a send waits for
+    Redis) instead of leaving the count counted (logged, best effort), and the next try gives it back."""
+    job = await _stop_reply_parked(rt, sim, worker, sms_client)
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    real, failed = RateLimiter.uncount_once, []
+
+    async def away_once(self: Any, *args: Any, **kwargs: Any) -> bool:
+        if not failed:
+            failed.append(1)
+            raise RedisConnectionError("Connection refused")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RateLimiter, "uncount_once", away_once)
+    await drain(worker)
+    [back] = await jobs_of(rt, GIVE_BACK_JOB)
+    assert failed and (back.status, back.attempts) == ("PENDING", 0), (back.status, back.last_error)
+    await make_due(rt)
+    await drain(worker)
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 5
+
+
+async def _stop_reply_parked_unstored(rt: Any, sim: Any, worker: Any, client: Any, monkeypatch: Any) -> OutboxJob:
+    """Aline's STOP, whose reply's template this release does not have (a release removed it): its job parks at
+    its first try, before it stored any message."""
+    await early_in_window(600, room=60)
+    await inbound(client, ALINE, "STOP", "at-stop")
+    with monkeypatch.context() as patched:
+        patched.setattr(templates, "TEMPLATES", tuple(t for t in templates.TEMPLATES if t != "opted_out"))
+        await drain(worker)
+    job = await the_job(rt)
+    assert job.status == "PARKED" and "unknown SMS template" in (job.last_error or ""), job.last_error
+    async with rt.sessionmaker() as session:
+        assert (await session.execute(select(SmsMessage))).first() is None
+    return job
+
+
+async def test_a_discarded_reply_whose_job_parked_before_storing_its_message_gives_its_count_back(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """No message stored is none sent (a send is of a stored message): discarded, it gives its count back as one
+    stored and FAILED does. It kept it: 4 of her next 6 keywords answered."""
+    job = await _stop_reply_parked_unstored(rt, sim, worker, sms_client, monkeypatch)
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    await drain(worker)
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 5
+
+
+async def test_a_discarded_reply_never_stored_that_africas_talking_may_have_keeps_its_count(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Its answer from Africa's Talking kept (a send before PostgreSQL was restored to a point before its row): it
+    went, so it stays counted."""
+    job = await _stop_reply_parked_unstored(rt, sim, worker, sms_client, monkeypatch)
+    _, kept = message_keys(message_key(job.payload))
+    await rt.hot_redis.set(kept, Answer(provider_message_id="ATXid_1", provider_status="Success").dump(), ex=600)
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    await drain(worker)
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 4
+
+
+async def test_a_discarded_reply_whose_last_try_was_cut_off_keeps_its_count(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
+) -> None:
+    """Cut off mid-send, it may have reached Africa's Talking: no give-back queued, counted as sent."""
+    job = await _stop_reply_parked(rt, sim, worker, sms_client)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
+            last_error=f"{INTERRUPTED}: ran past 55s"))
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    assert await jobs_of(rt, GIVE_BACK_JOB) == []
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 4
