@@ -719,21 +719,23 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
     send. The message's id, or None when no QUEUED message is stored for it.
 
-    A keyword's reply so marked gives its count back, and so does one whose job parked before it stored any message
-    (an unknown template: a release removed it; a payload the build refused): a message is sent only once stored, so
-    it never went. Given back by a GIVE_BACK_JOB queued here (_queue_give_back): it runs once the discard has
-    committed, and is retried until Redis takes it. Given back before the commit, a discard that did not commit left
-    the reply parked and uncounted (replayed, it went, one more than her limit); after it, in the request, a process
-    lost (or Redis failing) in between left it counted for good."""
+    A keyword's reply so marked gives its count back, and so does one whose job parked before it stored any message (an
+    unknown template: a release removed it; a payload the build refused), its last try cut off too: a message is sent
+    only once stored, so it never went. Given back by a GIVE_BACK_JOB queued here (_queue_give_back): it runs once the
+    discard has committed, and is retried until Redis takes it. Given back before the commit, a discard that did not
+    commit left the reply parked and uncounted (replayed, it went, one more than her limit); after it, in the request, a
+    process lost (or Redis failing) in between left it counted for good."""
     payload = job.payload or {}
     stored = (await session.execute(select(SmsMessage.id, SmsMessage.status).where(
         SmsMessage.idempotency_key == message_key(payload)))).first()
+    if stored is None:
+        # Whatever its last try's error (cut off too): a try sends only a message it stored first (a first send
+        # clears the doubt: Job.call_started), so one with no row never went (a row a restore lost: the job's kept
+        # answer check, give_back_discarded).
+        await _queue_give_back(session, job)
+        return None
     error = parked_with or ""
     may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
-    if stored is None:
-        if not may_have_gone:
-            await _queue_give_back(session, job)
-        return None
     if stored.status != SmsStatus.QUEUED.value:
         return None  # sent (or ended otherwise: a reply switched since gave its count back then)
     try:

@@ -325,3 +325,20 @@ async def test_a_discarded_reply_whose_last_try_was_cut_off_keeps_its_count(
     await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
     assert await jobs_of(rt, GIVE_BACK_JOB) == []
     assert await _answered_of_six(rt, worker, sim, sms_client) == 4
+
+
+async def test_a_discarded_reply_never_stored_whose_last_try_was_cut_off_gives_its_count_back(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Its last try cut off (the worker lost, or past its deadline) before it stored the message: a message is sent
+    only once stored (a first send clears the doubt: Job.call_started), so it never went, and the give-back's kept
+    answer check covers a send a restore lost the row of. Given back: 5 of her next 6 keywords answered, not 4."""
+    job = await _stop_reply_parked_unstored(rt, sim, worker, sms_client, monkeypatch)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
+            last_error=f"{INTERRUPTED}: ran past 55s"))
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    await drain(worker)
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 5
