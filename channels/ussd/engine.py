@@ -346,7 +346,9 @@ class Engine:
                 ctx.t("error.generic"), True)
 
     def _chosen(self, state: State, text: str) -> str | None:
-        if not is_number(text) or text.startswith("0"):
+        # A menu's numbers stay below 98 (MAX_ITEMS): a key of more than four digits is none, and int() is not
+        # asked to read one of thousands (an 8 KiB input on Africa's Talking), which raises past 4,300 digits.
+        if not is_number(text) or text.startswith("0") or len(text) > 4:
             return None
         index = int(text) - state.first
         if 0 <= index < len(state.ids):

@@ -52,10 +52,11 @@ _DSP_REF = re.compile(r"DSP_\w+")
 # only: str.isdigit takes "³" and "٣").
 _DECIMAL_AMOUNT = re.compile(r"([0-9]+)(?:[.,]([0-9]+))?", re.ASCII)
 # An amount with its thousands grouped by commas, as the screens write it outside French ("1,000 UGX", "usual:
-# 1,000.00 TZS"), the cents after a ".": a comma then exactly three digits, again and again.
-_GROUPED_AMOUNT = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?", re.ASCII)
+# 1,000.00 TZS"), the cents after a ".": a comma then exactly three digits, again and again. Its first group is no
+# zero: "0,500" or "0٬500" groups no thousands (read as 500, it was 500 where she may have meant 0.50): refused.
+_GROUPED_AMOUNT = re.compile(r"[1-9][0-9]{0,2}(?:,[0-9]{3})+(?:\.[0-9]+)?", re.ASCII)
 # The same with the Arabic thousands separator (U+066C), the cents after the Arabic decimal one (U+066B) or a ".".
-_ARABIC_GROUPED = re.compile(r"[0-9]{1,3}(?:\u066c[0-9]{3})+(?:[\u066b.][0-9]+)?")
+_ARABIC_GROUPED = re.compile(r"[1-9][0-9]{0,2}(?:\u066c[0-9]{3})+(?:[\u066b.][0-9]+)?")
 
 
 def actor(ctx: Ctx) -> Actor:

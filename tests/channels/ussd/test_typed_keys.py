@@ -56,8 +56,9 @@ async def test_an_amount_typed_in_other_digits_or_with_the_send_key(client: Any,
     await phone.send("1")
     assert (await phone.send("1")).startswith("CON Enter amount in RWF (usual: 10,000 RWF):")  # Donation
     # "²⁰⁰⁰⁰" is no amount (superscripts are no keys), nor is a comma, full-width or Arabic ("٬"), that groups no
-    # thousands.
-    for bad in ("\u00b2\u2070\u2070\u2070\u2070", "20\u066c00", "20\uff0c00"):
+    # thousands: nor one after a first group of zeros ("0٬500" is no way to write 500; read as 500 it was 500 RWF).
+    for bad in ("\u00b2\u2070\u2070\u2070\u2070", "20\u066c00", "20\uff0c00", "0\u066c500",
+                "\u0660\u0660\u066c\u0665\u0660\u0660", "0,500", "00,500,000"):
         assert (await phone.send(bad)).startswith("CON Enter a whole amount in RWF, e.g. 5000:"), bad
     confirm = await phone.send(typed)
     assert "Amount: 20,000 RWF" in confirm, confirm
@@ -195,3 +196,13 @@ async def test_arabic_thousands_separator_and_full_width_point_on_nalo(operator:
     assert "GHS 12,50" in confirm["MSG"], confirm
     await nalo(client, "nalo-arabic-2", "1", False, AKOSUA)
     assert sorted(p.amount_minor for p in await db.all(Payment)) == [1250, 120_050]
+
+
+async def test_a_key_of_thousands_of_digits_is_no_choice(client: Any, demo: Any) -> None:
+    """Africa's Talking takes an input of 8 KiB: a key of more than 4,300 digits made int() raise (Python's limit on
+    a number's digits), and the hop answered "END Service unavailable", ending her session."""
+    for junk in ("9" * 5000, "0" + "1" * 4400):  # (one session each: Africa's Talking's text holds every input)
+        phone = AtPhone(client, EN_MTN)
+        await phone.dial()
+        assert (await phone.send(junk)).startswith("CON Invalid choice.\nWelcome to"), junk[:8]
+    assert (await phone.send("1")).startswith("CON Choose what to pay:")
