@@ -24,7 +24,8 @@ if [ "$status" = 0 ] && { [ $# = 0 ] || [ "$*" = "-q" ]; }; then
     tests/test_embedded_smoke.py tests/core/test_payments.py tests/channels/ussd/test_flows_africastalking.py \
     tests/channels/sms/test_jobs.py tests/admin_api/test_payments.py tests/core/test_concurrent_limits.py \
     tests/admin_api/test_refunds_disputes.py tests/admin_api/test_payment_outcome.py \
-    tests/admin_api/test_taken_after_failure.py tests/core/test_rekey.py || status=$?
+    tests/admin_api/test_taken_after_failure.py tests/core/test_rekey.py \
+    tests/admin_api/test_dispute_request_hash_keyed.py || status=$?
 fi
 if [ "$status" = 5 ]; then
   echo "no test ran: failing" >&2
