@@ -907,9 +907,7 @@ async def _beyond_collected(session: AsyncSession, refund: Refund, payment: Paym
                      cooperative_id=payment.cooperative_id)
     if earlier is None:
         metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
-    payment.mismatch_detail = written
-    await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=written, updated_at=changed_at(payment.updated_at)))
+    await _write_flag(session, payment, written)
     _to_tell(session, payment.id, "beyond_collected", detail)
     if said:
         log.error(said, extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
@@ -1104,10 +1102,20 @@ async def _flag(session: AsyncSession, payment: Payment, detail: str, kind: str)
     from core.payments import add_flag  # local: the payment modules reach back into this module
 
     written = add_flag(payment.mismatch_detail, detail)
-    payment.mismatch_detail = written
-    await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=written, updated_at=changed_at(payment.updated_at)))
+    await _write_flag(session, payment, written)
     _to_tell(session, payment.id, kind, detail)
+
+
+async def _write_flag(session: AsyncSession, payment: Payment, written: str | None) -> None:
+    """The payment's flag (`written`: its whole mismatch_detail) in one UPDATE, the loaded row given its values by it
+    (synchronize_session). Set on the row before, it was flushed first (the UPDATE's autoflush): her payment written
+    twice, and PostgreSQL checks the second row version's key to her member row again, a KEY SHARE lock on her row
+    taken after the refund and the payment: an erasure (core.members.erase_member) holding her row, waiting for them,
+    deadlocked with a COMPLETED refund reported failed (_failed_after_completion) or a failure a flag counted
+    (_over_return_failed), which take no lock on her row first."""
+    await session.execute(update(Payment).where(Payment.id == payment.id)
+                          .values(mismatch=True, mismatch_detail=written, updated_at=changed_at(payment.updated_at))
+                          .execution_options(synchronize_session="evaluate"))
 
 
 # Where a transaction keeps the flags written on payments (payment id, kind, text) until they are told (_tell_flags).

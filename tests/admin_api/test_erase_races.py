@@ -638,3 +638,64 @@ async def test_a_resolution_sending_her_a_refund_as_she_is_erased_waits_and_one_
         refused = results["resolution"]
         assert isinstance(refused, Conflict) and refused.code == MEMBER_ERASED, refused
         assert (row.status, refunds, member.name) == ("OPEN", [], "Erased member")
+
+
+@requires_pg
+@pytest.mark.parametrize("word", ["callback", "worker"])
+async def test_a_completed_refund_reported_failed_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, admin: Caller, demo: Any, word: str) -> None:
+    """A COMPLETED refund of hers that its provider now reports failed (its callback, or the worker's answer), as the
+    desk erases her: core.refunds._failed_after_completion locks the refund, then her payment, and flags it. The flag
+    (core.refunds._flag) set the loaded payment's mismatch_detail before its UPDATE, whose autoflush wrote that first:
+    her payment written twice, and PostgreSQL checks the second row version's key to her member row again, a KEY SHARE
+    lock on her row, which the erasure held (FOR UPDATE) while it waited for her refund: a deadlock, the erasure rolled
+    back (503). One UPDATE now: nothing waits for her row, and both are done."""
+    from core.ports import EventKind, ProviderOutcome
+    from core.ports import ProviderEvent as ProviderEventData
+    from core.refunds import apply_refund_outcome, handle_refund_event, lock_for_outcome
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                              json={"amount": 10000, "reason": f"paid twice, {NAME}", "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # the provider sent it back (it said)
+        await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now(), "
+                             "provider_reference = 'RF-UNDONE-1' WHERE id = :id"), {"id": refund["id"]})
+        await s.execute(text("UPDATE payments SET status = 'PARTIALLY_REFUNDED', refunded_minor = 10000 "
+                             "WHERE id = :id"), {"id": paid.id})
+        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                        {"k": f"refund:{refund['id']}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def reported_failed() -> Any:
+        if word == "callback":
+            return await handle_refund_event(rt, ProviderEventData(
+                provider="mtn_momo", kind=EventKind.REFUND, event_id="undone-1", reference="RF-UNDONE-1",
+                outcome=ProviderOutcome.FAILED, reason="reversed by the provider"))
+        async with rt.sessionmaker.begin() as s:  # (core.jobs: a status answer)
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            fresh = await lock_for_outcome(s, refund["id"], ProviderOutcome.FAILED)
+            return await apply_refund_outcome(s, rt, fresh, ProviderOutcome.FAILED, actor=ADMIN,
+                                              reason="reversed by the provider")
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up: the failure (holding the refund) first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        failure = asyncio.create_task(reported_failed())
+        await waiting_for_locks(rt, 1)
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(failure, erasure, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        stored = await s.get(Refund, refund["id"])
+        payment = await s.get(Payment, paid.id)
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert (stored.status, stored.reason) == ("COMPLETED", None)
+    assert payment.mismatch and "reported failed after it was completed" in payment.mismatch_detail
+    assert payment.payment_account_masked == "erased"
