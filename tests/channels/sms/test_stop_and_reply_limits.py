@@ -480,6 +480,44 @@ async def test_two_tries_of_a_text_taken_at_once_count_its_reply_once(
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"in-next-{i}")
     assert len(await jobs_of(rt, "sms.send")) == 5
 
+async def test_a_count_kept_by_its_verdict_is_not_lost_when_the_release_befores_keys_cannot_be_written(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text's reply is counted and its verdict kept by one command (RateLimiter.hit_all_once); writing it again
+    as the release before keeps it is a second command. Redis failing between the two skipped the reply though the
+    count and the verdict stood: her reply never went and one of her five was used (our 200: no retry)."""
+    import redis.exceptions
+
+    real_pipeline = rt.redis.pipeline
+
+    class FailingPipeline:
+        def __init__(self, pipe: Any) -> None:
+            self._pipe = pipe
+
+        async def __aenter__(self) -> Any:
+            await self._pipe.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc: Any) -> Any:
+            return await self._pipe.__aexit__(*exc)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._pipe, name)
+
+        async def execute(self, *_args: Any, **_kwargs: Any) -> Any:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(rt.redis, "pipeline", lambda *a, **k: FailingPipeline(real_pipeline(*a, **k)))
+        assert (await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "in-keys")).status == 200
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["not_found"]
+    await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "in-keys")  # a retry: counted once, one reply
+    index = rt.cipher.blind_index(ALINE)
+    limiter = RateLimiter(rt.redis)
+    assert [(await limiter.peek(limit, index)).used for limit in (REPLY_LIMIT, REPLY_DAILY_LIMIT)] == [1, 1]
+    assert len(await jobs_of(rt, "sms.send")) == 1
+
+
 async def test_stop_audits_only_the_memberships_it_changed(rt: Any, demo: dict[str, Any], sms_client: Any) -> None:
     """A number in two cooperatives whose membership in one was opted out already (by its admin): her STOP turns off
     the other's reminders and audits that one alone; an audit row saying the first went from false to true would be
