@@ -44,11 +44,24 @@ return {n, previous, also}
 # refused though none went). KEYS: each limit's current and previous window, all of the subject's tag (one node).
 # ARGV: each limit's expiry, previous-window weight (repr, as for _COUNT) and effective count. Returns each limit's
 # count before this request, current and previous window (the previous one 0 when it does not weigh in).
+# Once per token (`hit_all_once`), an odd number of KEYS: KEYS[1], of the subject's tag too, keeps the token's
+# verdict (when it was counted, ARGV[2], or "-" for refused; ARGV[1] its expiry), written in the same command as
+# the counts, so two requests of one token at once (an aggregator's retry of a text while its first try is still
+# at work) count it once: the second finds the first's verdict and counts nothing. The windows and their three
+# arguments each follow. Then it returns the verdict kept before (false when none: this one decided), then the
+# counts as above (none when a verdict was kept).
 _COUNT_ALL = """
+local k = #KEYS % 2
+local a = 2 * k
 local out = {}
+if k == 1 then
+  local kept = redis.call('GET', KEYS[1])
+  if kept then return {kept} end
+  out[1] = false
+end
 local room = true
-for i = 1, #KEYS, 2 do
-  local j = (i - 1) / 2 * 3
+for i = k + 1, #KEYS, 2 do
+  local j = a + (i - k - 1) / 2 * 3
   local n = tonumber(redis.call('GET', KEYS[i]) or '0')
   local weight = tonumber(ARGV[j + 2])
   local previous = 0
@@ -58,43 +71,15 @@ for i = 1, #KEYS, 2 do
   out[#out + 1] = previous
 end
 if room then
-  for i = 1, #KEYS, 2 do
+  for i = k + 1, #KEYS, 2 do
     redis.call('INCR', KEYS[i])
-    redis.call('EXPIRE', KEYS[i], ARGV[(i - 1) / 2 * 3 + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[a + (i - k - 1) / 2 * 3 + 1])
   end
 end
-return out
-"""
-# `_COUNT_ALL` once per token (`hit_all_once`): KEYS[1] keeps the token's verdict (when it was counted, or "-" for
-# refused), written in the same command as the counts, so two requests of one token at once (an aggregator's retry
-# of a text while its first try is still at work) count it once: the second finds the first's verdict and counts
-# nothing. KEYS[2], ...: each limit's current and previous window, as _COUNT_ALL's, all of the subject's tag (one
-# node). ARGV[1]: the verdict's expiry; ARGV[2]: what it keeps when counted (the time, repr); then each limit's
-# three, as _COUNT_ALL's. Returns the verdict kept before (false when none: then this one decided), then the counts
-# as _COUNT_ALL returns them (none when a verdict was kept).
-_COUNT_ALL_ONCE = """
-local kept = redis.call('GET', KEYS[1])
-if kept then return {kept} end
-local out = {false}
-local room = true
-for i = 2, #KEYS, 2 do
-  local j = (i - 2) / 2 * 3 + 2
-  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local weight = tonumber(ARGV[j + 2])
-  local previous = 0
-  if weight > 0 then previous = tonumber(redis.call('GET', KEYS[i + 1]) or '0') end
-  if n + math.floor(previous * weight) >= tonumber(ARGV[j + 3]) then room = false end
-  out[#out + 1] = n
-  out[#out + 1] = previous
-end
-if room then
-  for i = 2, #KEYS, 2 do
-    redis.call('INCR', KEYS[i])
-    redis.call('EXPIRE', KEYS[i], ARGV[(i - 2) / 2 * 3 + 3])
-  end
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
-else
-  redis.call('SET', KEYS[1], '-', 'EX', ARGV[1])
+if k == 1 then
+  local verdict = '-'
+  if room then verdict = ARGV[2] end
+  redis.call('SET', KEYS[1], verdict, 'EX', ARGV[1])
 end
 return out
 """
@@ -350,7 +335,7 @@ class RateLimiter:
         digest = hashlib.sha256(token.encode()).hexdigest()[:32]
         mark = f"{self._prefix}:{subject_tag(subject)}:{limits[0].name}:once:{digest}"
         keys, args, counts = self._all_args(limits, subject, now)
-        results = await self._redis.eval(_COUNT_ALL_ONCE, len(keys) + 1, mark, *keys, ttl, repr(now), *args)
+        results = await self._redis.eval(_COUNT_ALL, len(keys) + 1, mark, *keys, ttl, repr(now), *args)
         kept = results[0]
         if kept is not None:
             at = None if kept in (b"-", "-") else float(kept)
