@@ -13,18 +13,20 @@ come out as SQLAlchemy's (IntegrityError, DBAPIError), as callers and the outage
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import operator
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql import sqltypes
 
 from core.db import json_text
@@ -127,10 +129,16 @@ async def begin(session: AsyncSession) -> asyncpg.Connection:
     joined. Raises DBAPIError when BEGIN fails (the server gone), and RuntimeError when the adapter sent none (a
     connection in autocommit, or an adapter without the method: a SQLAlchemy this was not written for)."""
     conn = await driver(session)
-    connection = session.sync_session.info[_HELD][1]
+    await _begin_on(session.sync_session.info[_HELD][1], conn)
+    return conn
+
+
+async def _begin_on(connection: Connection, conn: asyncpg.Connection) -> None:
+    """BEGIN sent on `connection`'s asyncpg connection `conn` through SQLAlchemy's adapter (begin's), unless the
+    adapter's transaction is open already."""
     adapted = connection.connection.dbapi_connection
     if getattr(adapted, "_transaction", None) is not None:
-        return conn  # SQLAlchemy's adapter began it (or this did): the session's to end
+        return  # SQLAlchemy's adapter began it (or this did): the session's to end
     if conn.is_in_transaction():
         # Open on the server, yet not the adapter's: the session's commit would send no COMMIT, and every write made
         # here would be lost with the connection. Never handed on.
@@ -150,7 +158,96 @@ async def begin(session: AsyncSession) -> asyncpg.Connection:
             raise
     if not conn.is_in_transaction():
         raise RuntimeError("no transaction could be begun on the session's connection")
-    return conn
+
+
+class Transaction:
+    """A transaction on a pooled Core connection (`conn`), begun and committed straight on asyncpg (transaction()),
+    with an ORM session joined to it only once a caller asks for one (session()).
+
+    A callback's common path (its event stored, its payment locked and moved: core.provider_events) is raw
+    statements only, and an AsyncSession around them cost more than they did: its creation, its SessionTransaction,
+    its commit and close through greenlets (about 200 us of a callback's 1.4 ms of CPU, bench/README.md's
+    forty-sixth round). Its rare branches (a flag, an audit row of its own, an unmatched callback) use the ORM:
+    the session they get is joined to this connection's transaction ("rollback_only": its commit and close leave the
+    transaction alone, its rollback rolls it back), so everything is still one transaction, committed or rolled back
+    once, by transaction()."""
+
+    __slots__ = ("_attached", "_session", "conn")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self._session: AsyncSession | None = None
+        self._attached: list[Any] = []
+
+    @property
+    def joined(self) -> AsyncSession | None:
+        """The ORM session joined to the transaction, if a caller asked for one."""
+        return self._session
+
+    def attach(self, instance: Any) -> None:
+        """A detached instance built from a row this transaction read (and locked): persistent in the session once
+        there is one, as a load in it would have made it (its changes flushed there, a move's values laid on it)."""
+        if self._session is None:
+            self._attached.append(instance)
+        else:
+            self._session.add(instance)
+
+    def session(self) -> AsyncSession:
+        """The ORM session joined to the transaction, made at the first call (no I/O: the connection and its
+        transaction are there), holding the attached instances. Its pending changes are flushed before the commit."""
+        if self._session is None:
+            self._session = AsyncSession(bind=self.conn, join_transaction_mode="rollback_only",
+                                         expire_on_commit=False)
+            self._session.add_all(self._attached)
+            self._attached.clear()
+        return self._session
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[Transaction]:
+    """A Transaction on a connection checked out of `engine`'s pool (PostgreSQL): BEGIN sent at once, COMMIT at the
+    end (the joined session flushed first, if there is one), everything rolled back if the block raises.
+
+    SQLAlchemy's Connection records the transaction (its begin() sends nothing on asyncpg: the adapter begins on the
+    first statement) and the adapter tracks the one BEGIN opened (_begin_on), so a rollback, an invalidation or the
+    pool's reset ends it as it ends one SQLAlchemy began. Ended well, the connection goes back to the pool without
+    the greenlet and the shielded task AsyncConnection's close runs (nothing is open, nothing to send)."""
+    conn = await engine.connect()
+    try:
+        sync = conn.sync_connection
+        assert sync is not None
+        sync.begin()  # SQLAlchemy's record of it, no I/O; BEGIN itself is the adapter's, now
+        await _begin_on(sync, sync.connection.driver_connection)
+        tx = Transaction(conn)
+        yield tx
+        if tx.joined is not None:
+            await tx.joined.flush()  # what its commit would have written
+            await tx.joined.close()  # (rollback_only: the transaction is left alone)
+        await _commit(sync)
+    except BaseException:
+        # Rolled back and closed as AsyncConnection's exit does (shielded: a cancellation cannot leave it half done).
+        await asyncio.shield(conn.close())
+        raise
+    sync.close()
+
+
+async def _commit(connection: Connection) -> None:
+    """COMMIT of transaction()'s transaction straight on asyncpg, then SQLAlchemy's record of it ended (with the
+    adapter's transaction done, its commit has nothing to send). A COMMIT the server refused (it rolled the
+    transaction back) raises as SQLAlchemy's error; one without an answer (the connection lost, or cancelled in
+    flight) closes the connection, whose state is unknown."""
+    adapted = connection.connection.dbapi_connection
+    begun = adapted._transaction  # type: ignore[union-attr]
+    if begun is not None:
+        adapted._transaction = None  # type: ignore[union-attr]  # done whatever the answer (as the adapter's own)
+        try:
+            with _as_sqlalchemy_errors("COMMIT"):
+                await begun.commit()
+        except BaseException as exc:
+            if not isinstance(exc.__cause__, asyncpg.PostgresError):
+                connection.invalidate()
+            raise
+    connection.commit()
 
 
 def _innermost(sync: Any) -> Any:
@@ -202,14 +299,18 @@ async def first(
     """The first row of `stmt` (built once; see `compiled`), or None, by position: on PostgreSQL straight on
     asyncpg, in the connection's transaction if one is open and in autocommit otherwise; on other
     databases through SQLAlchemy."""
-    dialect = conn.dialect if isinstance(conn, AsyncConnection) else conn.get_bind().dialect
-    if dialect.name == "postgresql":
+    if dialect_name(conn) == "postgresql":
         return await fetchrow(conn, compiled(stmt, column_keys), params)
     result = await conn.execute(stmt, params)
     return result.first() if result.returns_rows else None  # type: ignore[attr-defined]
 
 
-async def in_transaction(session: AsyncSession) -> bool:
+def dialect_name(db: AsyncSession | AsyncConnection) -> str:
+    """The database of a session or a Core connection ("postgresql", "sqlite")."""
+    return db.dialect.name if isinstance(db, AsyncConnection) else db.get_bind().dialect.name
+
+
+async def in_transaction(session: AsyncSession | AsyncConnection) -> bool:
     """Whether the session's connection has a transaction open on the server (raw statements join it)."""
     return (await driver(session)).is_in_transaction()
 

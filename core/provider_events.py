@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
@@ -24,8 +25,8 @@ from core.outbox import NewJob, enqueue_job, enqueue_many
 from core.payment_statements import stored_and_locked
 from core.payments import (
     _by_transaction,
+    _loaded,
     _locked_payment,
-    _persistent,
     add_flag,
     collected_to_credit,
     flagged_before,
@@ -95,6 +96,26 @@ def _locked(settle: _Settle | None) -> IdLocked | None:
     return None if settle is None else settle.id_locked
 
 
+# Where a provider's outcome is applied: an ORM session, or (a callback on PostgreSQL: handle_provider_event) a
+# transaction on a Core connection, with a session joined to it only where a rare branch needs the ORM (_orm).
+Db = AsyncSession | pgraw.Transaction
+
+
+def _orm(db: Db) -> AsyncSession:
+    """`db`'s ORM session: itself, or the one joined to a callback's Core transaction (made at the first need, the
+    payment in it: core.pgraw.Transaction.session)."""
+    return db if isinstance(db, AsyncSession) else db.session()
+
+
+def _writer(db: Db) -> AsyncSession | AsyncConnection:
+    """Where a statement that runs raw on PostgreSQL goes (the move, the outcome's UPDATE, the id's probe): the
+    session if there is one (its pending changes, a flag's audit row, flushed first as before), else the callback's
+    Core connection."""
+    if isinstance(db, AsyncSession):
+        return db
+    return db.conn if db.joined is None else db.joined
+
+
 class _Moved:
     """A payment as it reads once a move's `changes` are written: its receipt and webhook event are built
     from it before the move, so that they travel in the move's statement (see transition's `jobs`)."""
@@ -136,7 +157,7 @@ def money_moved_at(since: datetime, said: datetime | None) -> datetime:
 
 
 async def apply_collection_outcome(
-    session: AsyncSession,
+    session: Db,
     rt: Runtime,
     payment: Payment,
     outcome: ProviderOutcome,
@@ -169,12 +190,12 @@ async def apply_collection_outcome(
                                   provisional_transaction_id=provisional_transaction_id, occurred_at=occurred_at,
                                   audit=audit)
     if settle is not None and not settle.done:
-        await _set_outcome(session, settle.event_row_id, result, payment.id)
+        await _set_outcome(_writer(session), settle.event_row_id, result, payment.id)
     return result
 
 
 async def _apply_outcome(
-    session: AsyncSession,
+    db: Db,
     rt: Runtime,
     payment: Payment,
     outcome: ProviderOutcome,
@@ -189,7 +210,9 @@ async def _apply_outcome(
     checked_transaction_id: str | None = None,
     audit: dict[str, Any] | None = None,
 ) -> str:
-    """`checked_transaction_id`: the id the caller found free under its lock (record_collected), not probed again."""
+    """`checked_transaction_id`: the id the caller found free under its lock (record_collected), not probed again.
+    `db`: a callback's Core transaction takes the common moves (to COMPLETED, or to a failed state) on its connection;
+    every branch that uses the ORM asks for its joined session first (_orm), before it changes the payment."""
     current = P(payment.status)
     if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "pending"
@@ -200,6 +223,7 @@ async def _apply_outcome(
                     stored is None or stored == provisional_transaction_id):
                 # Completed by a status query that names no final id (M-Pesa's STK query has no receipt
                 # number): the late callback's id is what a refund needs.
+                session = _orm(db)
                 holder = await _held_elsewhere(session, payment, provider_transaction_id, _locked(settle))
                 await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
                 if holder is not None:
@@ -221,11 +245,12 @@ async def _apply_outcome(
                     await emit_flagged(session, payment, "transaction_id_held_twice", said)
             elif (provider_transaction_id and stored is not None and provider_transaction_id != stored
                   and provider_transaction_id != provisional_transaction_id):
-                await _flag_other_transaction_id(session, payment, provider_transaction_id, actor=actor)
+                await _flag_other_transaction_id(_orm(db), payment, provider_transaction_id, actor=actor)
             return "already_completed"
         if current is P.VOIDED:
-            return await _flag_success_after_void(session, payment, provider_transaction_id, amount, actor=actor)
+            return await _flag_success_after_void(_orm(db), payment, provider_transaction_id, amount, actor=actor)
         if current is P.FAILED:
+            session = _orm(db)
             # Money taken after a definite failure: never reopen, but never drop it either.
             first = payment.completed_at is None
             kept = (provider_transaction_id if provider_transaction_id
@@ -301,11 +326,11 @@ async def _apply_outcome(
                 not provider_transaction_id or provider_transaction_id == provisional_transaction_id):
             # Only a provisional id so far: a callback whose status query said "pending" then may have
             # left the final one.
-            provider_transaction_id = await _kept_transaction_id(session, payment) or provider_transaction_id
+            provider_transaction_id = await _kept_transaction_id(_orm(db), payment) or provider_transaction_id
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         held = provider_transaction_id or payment.provider_transaction_id
-        holder = (await _held_elsewhere(session, payment, held, _locked(settle))
+        holder = (await _held_elsewhere(_writer(db), payment, held, _locked(settle))
                   if held and held not in (provisional_transaction_id, checked_transaction_id) else None)
         if PAYMENT.is_exceptional(current, P.COMPLETED):
             values["late"] = True
@@ -322,7 +347,7 @@ async def _apply_outcome(
             # refund automatically (a negative one would be subtracted from what other payments collected); a person
             # must look.
             values["collected_minor"] = max(amount.minor, 0) if amount.currency == expected.currency else 0
-            await record(session, actor=actor, action="payment.amount_mismatch", entity_type="payment",
+            await record(_orm(db), actor=actor, action="payment.amount_mismatch", entity_type="payment",
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},
                          cooperative_id=payment.cooperative_id)
@@ -335,7 +360,7 @@ async def _apply_outcome(
             # moves nothing here (_same_money): flagged only.
             if counted_there:
                 values["collected_minor"] = 0
-            said = await _flag_held_twice(session, payment, held, holder, actor=actor,
+            said = await _flag_held_twice(_orm(db), payment, held, holder, actor=actor,
                                           collected=values.get("collected_minor", payment.collected_minor))
             earlier = values.get("mismatch_detail", payment.mismatch_detail if payment.mismatch else None)
             values.update(mismatch=True, mismatch_detail=add_flag(earlier, said))
@@ -353,7 +378,7 @@ async def _apply_outcome(
             # Her money is the other payment's (its receipt is hers): no second receipt for one payment. The
             # cooperative's system is told (payment.completed, flagged, collected 0).
             notices = [job for job in notices if job.kind != "sms.send"]
-        await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values,
+        await transition(_writer(db), PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values,
                          jobs=notices, alongside=settle.write(result) if settle else None)
         if settle is not None:
             settle.moved()
@@ -371,7 +396,7 @@ async def _apply_outcome(
     jobs = _notices(rt, moved, template, event_type)
     if reason == UNCONFIRMED:
         jobs.append(flagged_job(moved, "unconfirmed", UNCONFIRMED_FLAG))
-    await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values, audit=audit,
+    await transition(_writer(db), PAYMENT, payment.id, current, target, actor=actor, values=values, audit=audit,
                      jobs=jobs, alongside=settle.write(result) if settle else None)
     if settle is not None:
         settle.moved()
@@ -486,11 +511,11 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     id_lock = txn if outcome is ProviderOutcome.SUCCEEDED and txn and txn != provisional else None
     for _ in range(3):
         try:
-            async with rt.sessionmaker.begin() as session:
+            async with _callback_transaction(rt) as db:
                 stored = {"id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
                           "kind": event.kind.value, "status": outcome.value, "payload": payload,
                           "received_at": utcnow()}
-                event_row_id, payment, id_locked = await _store_event_and_lock(session, event, stored, found, id_lock)
+                event_row_id, payment, id_locked = await _store_event_and_lock(db, event, stored, found, id_lock)
                 if event_row_id is None:
                     return "duplicate"
                 if payment is not None and _names_another_request(rt, payment, txn):
@@ -499,28 +524,37 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                     # (Not a voided recording's: its ids were released for the right line, and it takes none back.)
                     if (adopted is not None and payment.provider_transaction_id is None
                             and payment.status != P.VOIDED.value):
-                        await _adopt_transaction_id(session, payment, adopted)
+                        await _adopt_transaction_id(_orm(db), payment, adopted)
                     if (query_error is not None and event.outcome is ProviderOutcome.SUCCEEDED
                             and unconfirmed_success_over(payment)):
-                        return await _flag_unconfirmed_success(session, payment, event, query_error, actor=actor,
+                        return await _flag_unconfirmed_success(_orm(db), payment, event, query_error, actor=actor,
                                                                event_row_id=event_row_id)
                     if outcome is ProviderOutcome.SUCCEEDED and holds_money(payment):
-                        second = await _second_payment(session, payment, payload, event_row_id)
+                        second = await _second_payment(_orm(db), payment, payload, event_row_id)
                         if second is not None:
-                            return await _flag_paid_twice(session, payment, second, amount, actor=actor,
+                            return await _flag_paid_twice(_orm(db), payment, second, amount, actor=actor,
                                                           event_row_id=event_row_id)
-                    return await apply_collection_outcome(session, rt, payment, outcome, actor=actor,
+                    return await apply_collection_outcome(db, rt, payment, outcome, actor=actor,
                                                           amount=amount, provider_transaction_id=txn,
                                                           reason=reason, event_row_id=event_row_id,
                                                           provisional_transaction_id=provisional,
                                                           occurred_at=occurred,
                                                           id_locked=id_locked)
-                await keep_unmatched(session, event_row_id, event)
+                await keep_unmatched(_orm(db), event_row_id, event)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
         report_unmatched(event)  # once stored: a store that failed is sent again by the provider
         return UNMATCHED
     return "conflict"
+
+
+def _callback_transaction(rt: Runtime) -> AbstractAsyncContextManager[Db]:
+    """A callback's transaction: on PostgreSQL a Core connection's, BEGIN and COMMIT straight on asyncpg, an ORM
+    session joined only for a branch that needs one (core.pgraw.transaction; a callback's common path is raw
+    statements only, and the session around them was about 200 us of its 1.4 ms of CPU); elsewhere a session's."""
+    if rt.engine.dialect.name == "postgresql":
+        return pgraw.transaction(rt.engine)
+    return rt.sessionmaker.begin()
 
 
 def _names_another_request(rt: Runtime, payment: Payment, transaction_id: str | None) -> bool:
@@ -762,7 +796,7 @@ async def _kept_transaction_id(session: AsyncSession, payment: Payment) -> str |
 
 
 async def _store_event_and_lock(
-    session: AsyncSession, event: ProviderEventData, stored: dict[str, Any], found: Payment | None = None,
+    db: Db, event: ProviderEventData, stored: dict[str, Any], found: Payment | None = None,
     id_lock: str | None = None,
 ) -> tuple[str | None, Payment | None, IdLocked | None]:
     """Store the callback once and lock its payment: (the stored row's id or None for a duplicate, the
@@ -772,10 +806,14 @@ async def _store_event_and_lock(
     `found`: the payment a confirmation already identified; it is locked by our reference.
     `id_lock`: a provider transaction id whose lock (_ID_LOCK) the same statement takes once the payment's row is
     locked, then probes for another payment holding it (the database's gateway_id_holder; PostgreSQL, a payment
-    found: else none is taken and None is returned for it)."""
+    found: else none is taken and None is returned for it).
+
+    `db`: on PostgreSQL a callback's Core transaction (core.pgraw.Transaction, begun), the payment attached to it;
+    elsewhere a session."""
     by_transaction = _by_transaction(event) if found is None else False
     reference = event.reference if found is None else found.provider_reference
-    if session.get_bind().dialect.name != "postgresql":
+    if isinstance(db, AsyncSession):
+        session = db
         stmt = row_insert(session.get_bind().dialect.name, ProviderEvent, ignore_conflict=("provider", "event_id"),
                           returning="id")
         event_row_id = (await session.execute(stmt, stored)).scalar_one_or_none()
@@ -783,15 +821,15 @@ async def _store_event_and_lock(
             return None, None, None
         return event_row_id, await _find_payment(session, event, lock=True, by_transaction=by_transaction,
                                                  reference=reference), None
+    # (Its callers on SQLite pass a session, as the row_insert above needs; on PostgreSQL a Core transaction.)
     params = {f"e_{k}": v for k, v in stored.items()}
     params.update(provider=event.provider, reference=reference)
     if id_lock is not None:
         params.update(id_key=_id_lock_key(event.provider, id_lock), id_txn=id_lock)
-    # The transaction's first statement, straight on asyncpg (BEGIN sent first: pgraw.begin), the payment built from
-    # its row as a load builds one (_persistent): through the ORM, the statement and the instance's loading were about
-    # a fifth of a callback's CPU (1.33-1.39 against 1.03-1.08 ms in alternating benchmark runs).
-    await pgraw.begin(session)
-    row = await pgraw.fetchrow(session, pgraw.compiled(stored_and_locked(by_transaction, id_lock is not None)), params)
+    # The transaction's first statement, straight on asyncpg (BEGIN sent already: pgraw.transaction), the payment
+    # built from its row as a load builds one (_loaded): through the ORM, the statement and the instance's loading
+    # were about a fifth of a callback's CPU (1.33-1.39 against 1.03-1.08 ms in alternating benchmark runs).
+    row = await pgraw.fetchrow(db.conn, pgraw.compiled(stored_and_locked(by_transaction, id_lock is not None)), params)
     if row is not None:
         # (A duplicate's statement took the id's lock too: it is held to the rollback, which follows at once.)
         # The payment's columns in the table's order (as its SELECT lists them), then the stored event's id, then
@@ -800,10 +838,11 @@ async def _store_event_and_lock(
         event_row_id = row[len(keys)]
         if event_row_id is None:
             return None, None, None
-        payment = _persistent(session, dict(zip(keys, row, strict=False)))
+        payment = _loaded(dict(zip(keys, row, strict=False)))
+        db.attach(payment)
         return event_row_id, payment, None if id_lock is None else IdLocked(id_lock, row[len(keys) + 1])
     # No such payment: the event row (if it is new) is found by its id, which only this call knows.
-    event_row_id = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
+    event_row_id = (await db.conn.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
                                           )).scalar_one_or_none()
     return event_row_id, None, None
 
@@ -813,10 +852,11 @@ _SET_OUTCOME = (update(table_of(ProviderEvent))
                 .values(outcome=bindparam("b_outcome"), payment_id=bindparam("b_payment_id")))
 
 
-async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, payment_id: str | None) -> None:
+async def _set_outcome(session: AsyncSession | AsyncConnection, event_row_id: str, outcome: str,
+                       payment_id: str | None) -> None:
     # One UPDATE built once: loading the row just inserted to change two columns cost a SELECT and a flush.
     params = {"b_id": event_row_id, "b_outcome": outcome, "b_payment_id": payment_id}
-    if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
+    if pgraw.dialect_name(session) == "postgresql" and await pgraw.in_transaction(session):
         await pgraw.fetchrow(session, pgraw.compiled(_SET_OUTCOME), params)
     else:
         await session.execute(_SET_OUTCOME, params)

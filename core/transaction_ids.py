@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core import pgraw
 from core.audit import Actor, record
@@ -84,7 +84,7 @@ class IdLocked:
     holder_id: str | None
 
 
-async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str,
+async def _held_elsewhere(session: AsyncSession | AsyncConnection, payment: Payment, txn: str,
                           locked: IdLocked | None = None) -> _Holder | None:
     """The other payment of `payment`'s provider that holds `txn` already (_holder), as `payment` completes with it
     (or is reported paid after a failure): one index probe per completion. Under the id's lock (_lock_transaction_id,
@@ -93,15 +93,17 @@ async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str,
     flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
     other order: a recording takes the id's lock, then only inserts its payment). `locked`: the id whose lock the
     transaction took already (with the payment's row: _store_event_and_lock), not taken again; and probed then,
-    under that lock: found free, it is not probed again (held, the holder is read in full here)."""
+    under that lock: found free, it is not probed again (held, the holder is read in full here). `session` may be a
+    Core connection in a transaction on PostgreSQL (core.pgraw.Transaction's): the statements are raw either way."""
     if locked is not None and locked.txn == txn and locked.holder_id is None:
         return None
-    if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
+    if pgraw.dialect_name(session) == "postgresql" and await pgraw.in_transaction(session):
         if locked is None or txn != locked.txn:
             await pgraw.fetchrow(session, pgraw.compiled(_ID_LOCK), {"key": _id_lock_key(payment.provider, txn)})
         row = await pgraw.fetchrow(session, pgraw.compiled(_HOLDER),
                                    {"provider": payment.provider, "txn": txn, "exclude": payment.id})
         return None if row is None else _Holder(*row)
+    assert isinstance(session, AsyncSession), "a Core connection's transaction is PostgreSQL's"
     await _lock_transaction_id(session, payment.provider, txn)
     return await _holder(session, payment.provider, txn, payment.id)
 

@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import bindparam, cast, exists, func, insert, inspect, literal_column, select, update
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.util import identity_key
 
@@ -92,7 +92,7 @@ class StateMachine(Generic[S]):
 
 
 async def transition(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     machine: StateMachine[S],
     entity_id: str,
     source: S,
@@ -116,19 +116,29 @@ async def transition(
     with it (a Core UPDATE built once, its parameters). On PostgreSQL they travel in the move's statement
     and happen only if the row moved (jobs whose dedupe key exists are skipped, as with enqueue_many);
     elsewhere, or for a job without a dedupe key, enqueue_many writes them once the row has moved.
+
+    `session` may be a Core connection inside a transaction on PostgreSQL (core.pgraw.Transaction's: a callback's
+    common path, with no ORM session): the move is the same statement, no instance is refreshed (the moved values
+    are returned by attribute name), and every job must carry a dedupe key (ValueError otherwise).
     """
     machine.check(source, target)
     model = machine.model
-    # The connection first, then the stamp: a move that waited for a pooled connection would otherwise commit an
-    # updated_at older than its transaction, behind a payment sync's horizon (admin_api.common.sync_horizon).
-    await session.connection()
+    orm = session if isinstance(session, AsyncSession) else None
+    if orm is not None:
+        # The connection first, then the stamp: a move that waited for a pooled connection would otherwise commit an
+        # updated_at older than its transaction, behind a payment sync's horizon (admin_api.common.sync_horizon).
+        # (A Core connection is held already.)
+        await orm.connection()
+    elif pgraw.dialect_name(session) != "postgresql" or any(job.dedupe_key is None for job in jobs):
+        raise ValueError("a move on a Core connection is PostgreSQL's one statement, its jobs with dedupe keys")
     changes, before, after, action = _describe(machine, source, target, values, audit)
     before.update(was or {})
     before, after = formatted(before), formatted(after)  # the log's one format (core.audit.formatted)
-    sync = session.sync_session
-    if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
-        await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first
-    if session.get_bind().dialect.name == "postgresql":
+    if orm is not None:
+        sync = orm.sync_session
+        if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
+            await orm.flush()  # what the ORM UPDATE's autoflush did: pending changes go first
+    if pgraw.dialect_name(session) == "postgresql":
         # One statement: the UPDATE ... RETURNING and the audit INSERT fed by it (a data-modifying CTE),
         # so the audit row exists exactly when the row moved, in one round trip instead of two; the jobs
         # and the write alongside ride along the same way.
@@ -154,10 +164,14 @@ async def transition(
             returned = (await session.execute(statement, params)).first()
         if returned is None:
             raise StaleTransition(machine.name, entity_id, source.value)
-        row = _refresh_loaded(session, model, entity_id, returned)
+        if orm is None:
+            return SimpleNamespace(**dict(zip(_attr_keys(model), returned, strict=True)))
+        row = _refresh_loaded(orm, model, entity_id, returned)
         if not carried:
-            await enqueue_many(session, list(jobs), alongside=alongside)
+            await enqueue_many(orm, list(jobs), alongside=alongside)
         return row
+    assert orm is not None  # (a Core connection was refused above)
+    session = orm
     table = model.__table__
     stmt = update(table).where(table.c.id == entity_id, table.c.status == source.value).values(changes)
     returned = (await session.execute(stmt.returning(*table.c))).first()

@@ -273,3 +273,75 @@ async def test_a_transaction_the_session_does_not_track_is_refused(sm: Any) -> N
         await pgraw.begin(session)
         await pgraw.fetchrow(session, ADD, _params("on-a-clean-connection"))
     assert await _visible_elsewhere(sm) == ["on-a-clean-connection"]
+
+
+def _pool_idle(sm: Any) -> bool:
+    return sm.kw["bind"].sync_engine.pool.checkedout() == 0
+
+
+async def test_a_core_transaction_commits_its_raw_and_orm_writes_once(sm: Any) -> None:
+    """pgraw.transaction: BEGIN at once, raw statements on the Core connection, an ORM session joined only when
+    asked for (its pending rows flushed before the COMMIT), one COMMIT; the connection back in the pool with nothing
+    open on it."""
+    engine = sm.kw["bind"]
+    async with pgraw.transaction(engine) as tx:
+        conn = await pgraw.driver(tx.conn)
+        assert conn.is_in_transaction() and tx.joined is None
+        await pgraw.fetchrow(tx.conn, ADD, _params("core-raw"))
+        assert await _visible_elsewhere(sm) == []  # inside the transaction, not committed yet
+        session = tx.session()
+        assert tx.session() is session and tx.joined is session
+        session.add(OutboxJob(kind="test.orm", payload={}, dedupe_key="core-orm", status="PENDING", attempts=0,
+                              max_attempts=3, run_at=utcnow(), created_at=utcnow(), updated_at=utcnow()))
+    assert not conn.is_in_transaction() and _pool_idle(sm)
+    assert await _visible_elsewhere(sm) == ["core-orm", "core-raw"]
+
+
+async def test_a_core_transaction_rolls_back_whole_when_its_block_raises(sm: Any) -> None:
+    """The raw write and the joined session's (flushed already) are taken back together."""
+    engine = sm.kw["bind"]
+    with pytest.raises(RuntimeError):
+        async with pgraw.transaction(engine) as tx:
+            conn = await pgraw.driver(tx.conn)
+            await pgraw.fetchrow(tx.conn, ADD, _params("raised-raw"))
+            session = tx.session()
+            session.add(OutboxJob(kind="test.orm", payload={}, dedupe_key="raised-orm", status="PENDING",
+                                  attempts=0, max_attempts=3, run_at=utcnow(), created_at=utcnow(),
+                                  updated_at=utcnow()))
+            await session.flush()
+            raise RuntimeError("the caller failed: rolled back on the way out")
+    assert not conn.is_in_transaction() and not conn.is_closed() and _pool_idle(sm)
+    assert await _visible_elsewhere(sm) == []
+
+
+async def test_a_core_transactions_commit_refused_is_sqlalchemys_error(sm: Any) -> None:
+    """A COMMIT the server refuses (a deferred constraint) is IntegrityError, nothing is kept, and the connection
+    (its transaction ended by the server) goes on serving the pool."""
+    engine = sm.kw["bind"]
+    with pytest.raises(IntegrityError):
+        async with pgraw.transaction(engine) as tx:
+            conn = await pgraw.driver(tx.conn)
+            await conn.execute("CREATE TEMP TABLE once (n int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP")
+            await conn.execute("INSERT INTO once VALUES (1), (1)")  # checked at the COMMIT
+            await pgraw.fetchrow(tx.conn, ADD, _params("refused"))
+    assert not conn.is_in_transaction() and not conn.is_closed() and _pool_idle(sm)
+    async with pgraw.transaction(engine) as tx:
+        assert await pgraw.driver(tx.conn) is conn  # (LIFO pool: the same one, still good)
+        await pgraw.fetchrow(tx.conn, ADD, _params("after-the-refusal"))
+    assert await _visible_elsewhere(sm) == ["after-the-refusal"]
+
+
+async def test_a_core_transaction_whose_commit_gets_no_answer_closes_its_connection(sm: Any) -> None:
+    """The connection lost before the COMMIT's answer: SQLAlchemy's DBAPIError (a callback answers 503 and is sent
+    again), the connection closed rather than handed on, and the pool carries on with another."""
+    engine = sm.kw["bind"]
+    with pytest.raises(DBAPIError):
+        async with pgraw.transaction(engine) as tx:
+            conn = await pgraw.driver(tx.conn)
+            await pgraw.fetchrow(tx.conn, ADD, _params("lost"))
+            await conn.close()  # as a restart would: the socket ends
+    assert conn.is_closed() and _pool_idle(sm)
+    async with pgraw.transaction(engine) as tx:
+        assert await pgraw.driver(tx.conn) is not conn
+        await pgraw.fetchrow(tx.conn, ADD, _params("after-the-loss"))
+    assert await _visible_elsewhere(sm) == ["after-the-loss"]
