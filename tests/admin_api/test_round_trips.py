@@ -163,6 +163,102 @@ async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, 
 
 
 
+def _sessions_made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the ORM sessions made from here on (AsyncSession's __init__, which still runs as before)."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    made: list[int] = []
+    original = AsyncSession.__init__
+
+    def counted(self: Any, *args: Any, **kw: Any) -> None:
+        made.append(1)
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(AsyncSession, "__init__", counted)
+    return made
+
+
+@pytest.mark.parametrize("outcome", [ProviderOutcome.SUCCEEDED, ProviderOutcome.FAILED])
+async def test_a_callbacks_common_path_makes_no_orm_session(client: Any, demo: Any, rt: Any, admin: Any,
+                                                            sent: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                            outcome: ProviderOutcome) -> None:
+    """A success or a failure for a pending payment runs on a Core connection's transaction (core.pgraw.transaction):
+    no AsyncSession is made (its creation, transaction, commit and close were about 200 us of a callback's 1.4 ms of
+    CPU, bench/README.md's forty-sixth round), and the connection is back in the pool afterwards."""
+    payment = await _api_payment(admin, demo, rt)
+    callback = _callback(payment, "cb-plain", outcome, provider_transaction_id="TX-P")
+    made = _sessions_made(monkeypatch)
+    sent.clear()
+    assert await handle_provider_event(rt, callback) == ("completed" if outcome is ProviderOutcome.SUCCEEDED
+                                                         else "failed")
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment.id)).status == ("COMPLETED" if outcome is ProviderOutcome.SUCCEEDED
+                                                             else "FAILED")
+
+
+async def test_a_callbacks_rare_branch_joins_one_session_to_the_same_transaction(
+    client: Any, demo: Any, rt: Any, admin: Any, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An amount other than asked writes an audit row of its own through the ORM: one session, joined to the
+    callback's transaction (its row flushed before the move, as autoflush did), one BEGIN and one COMMIT."""
+    from core.money import Money
+
+    payment = await _api_payment(admin, demo, rt)
+    callback = _callback(payment, "cb-less", ProviderOutcome.SUCCEEDED, provider_transaction_id="TX-L",
+                         amount=Money(payment.amount_minor - 100, payment.currency))
+    made = _sessions_made(monkeypatch)
+    sent.clear()
+    assert await handle_provider_event(rt, callback) == "completed"
+    assert len(made) == 1 and rt.engine.sync_engine.pool.checkedout() == 0
+    assert [s.split()[0] for s in sent] == ["BEGIN", "WITH", "INSERT", "WITH", "COMMIT"], sent
+    async with rt.sessionmaker() as s:
+        moved = await s.get(Payment, payment.id)
+        actions = (await s.execute(select(AuditEvent.action).where(AuditEvent.entity_id == payment.id)
+                                   .order_by(AuditEvent.id))).scalars().all()
+    assert moved.status == "COMPLETED" and moved.mismatch and moved.collected_minor == payment.amount_minor - 100
+    assert actions[-2:] == ["payment.amount_mismatch", "payment.completed"]
+
+
+async def test_a_callbacks_rare_branch_that_fails_takes_the_whole_callback_back(
+    client: Any, demo: Any, rt: Any, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The joined session's writes and the raw ones are one transaction: a failure in the branch that uses the ORM
+    (after the event was stored and the payment locked raw, and the branch's audit row written) stores nothing,
+    moves nothing and leaves no connection out of the pool; the provider's retry is then applied whole."""
+    import core.provider_events as provider_events
+    from core.money import Money
+
+    payment = await _api_payment(admin, demo, rt)
+    callback = _callback(payment, "cb-broken", ProviderOutcome.SUCCEEDED, provider_transaction_id="TX-B",
+                         amount=Money(payment.amount_minor - 100, payment.currency))
+    original = provider_events.record
+
+    async def broken(session: Any, **kw: Any) -> None:
+        await original(session, **kw)
+        await session.flush()
+        raise RuntimeError("the branch failed after its write")
+
+    monkeypatch.setattr(provider_events, "record", broken)
+    with pytest.raises(RuntimeError, match="after its write"):
+        await handle_provider_event(rt, callback)
+    assert rt.engine.sync_engine.pool.checkedout() == 0
+
+    async def kept() -> tuple[str, list[str], list[str]]:
+        async with rt.sessionmaker() as s:
+            return ((await s.get(Payment, payment.id)).status,
+                    list((await s.execute(select(ProviderEventRow.outcome)
+                                          .where(ProviderEventRow.event_id == "cb-broken"))).scalars()),
+                    list((await s.execute(select(AuditEvent.action).where(
+                        AuditEvent.entity_id == payment.id, AuditEvent.action != "payment.created"))).scalars()))
+
+    assert await kept() == ("PENDING", [], [])
+    monkeypatch.setattr(provider_events, "record", original)
+    assert await handle_provider_event(rt, callback) == "completed"
+    assert await kept() == ("COMPLETED", ["completed"], ["payment.amount_mismatch", "payment.completed"])
+
+
 async def test_an_sms_outcome_and_its_jobs_end_are_one_statement(rt: Any, sent: list[str]) -> None:
     from core.audit import Actor
     from core.models import OutboxJob, SmsMessage
