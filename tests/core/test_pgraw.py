@@ -345,3 +345,18 @@ async def test_a_core_transaction_whose_commit_gets_no_answer_closes_its_connect
         assert await pgraw.driver(tx.conn) is not conn
         await pgraw.fetchrow(tx.conn, ADD, _params("after-the-loss"))
     assert await _visible_elsewhere(sm) == ["after-the-loss"]
+
+
+async def test_a_move_on_a_core_connection_takes_only_jobs_it_can_carry(sm: Any) -> None:
+    """transition on a Core connection (a callback's common path) has no session to queue a job without a dedupe key
+    after the move: refused before anything is sent, not written half."""
+    from core.audit import Actor
+    from core.outbox import NewJob
+    from core.state import transition
+    from core.state.payment import PAYMENT, PaymentStatus
+
+    with pytest.raises(ValueError, match="dedupe keys"):
+        async with pgraw.transaction(sm.kw["bind"]) as tx:
+            await transition(tx.conn, PAYMENT, "no-such-payment", PaymentStatus.PENDING, PaymentStatus.FAILED,
+                             actor=Actor("test", "test"), jobs=[NewJob("test.raw", {}, dedupe_key=None)])
+    assert _pool_idle(sm) and await _visible_elsewhere(sm) == []
