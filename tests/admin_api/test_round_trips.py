@@ -198,6 +198,20 @@ async def test_a_callbacks_common_path_makes_no_orm_session(client: Any, demo: A
                                                              else "FAILED")
 
 
+async def test_a_late_success_is_the_common_path_too(client: Any, demo: Any, rt: Any, admin: Any, sent: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A success after the payment timed out (late: its receipt says the money was taken after all) makes no ORM
+    session either (README: a late success is on the common path; a success after a failure is a rare branch)."""
+    payment = await _api_payment(admin, demo, rt)
+    assert await handle_provider_event(rt, _callback(payment, "cb-timeout", ProviderOutcome.EXPIRED)) == "timeout"
+    made = _sessions_made(monkeypatch)
+    sent.clear()
+    assert await handle_provider_event(rt, _callback(payment, "cb-late", ProviderOutcome.SUCCEEDED,
+                                                     provider_transaction_id="TX-LATE")) == "late_completed"
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
+
+
 async def test_a_callbacks_rare_branch_joins_one_session_to_the_same_transaction(
     client: Any, demo: Any, rt: Any, admin: Any, sent: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

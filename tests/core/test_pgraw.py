@@ -360,3 +360,48 @@ async def test_a_move_on_a_core_connection_takes_only_jobs_it_can_carry(sm: Any)
             await transition(tx.conn, PAYMENT, "no-such-payment", PaymentStatus.PENDING, PaymentStatus.FAILED,
                              actor=Actor("test", "test"), jobs=[NewJob("test.raw", {}, dedupe_key=None)])
     assert _pool_idle(sm) and await _visible_elsewhere(sm) == []
+
+
+async def test_a_core_transaction_cancelled_with_its_commit_in_flight_closes_its_connection(sm: Any) -> None:
+    """Cancelled while the server runs the COMMIT (no answer read): the connection's state is unknown, so it is closed
+    rather than handed on (the test above cannot tell: the connection it loses is closed already, and the pool's
+    checkout would drop it anyway); nothing is left open at the server and the pool carries on with another."""
+    import asyncio
+
+    engine = sm.kw["bind"]
+    held: list[Any] = []
+
+    async def run() -> None:
+        async with pgraw.transaction(engine) as tx:
+            conn = await pgraw.driver(tx.conn)
+            held.append(conn)
+            # A deferred trigger that sleeps: the COMMIT takes two seconds at the server.
+            await conn.execute("CREATE FUNCTION pg_temp.slow() RETURNS trigger LANGUAGE plpgsql AS "
+                               "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$")
+            await conn.execute("CREATE TEMP TABLE slow (n int) ON COMMIT DROP")
+            await conn.execute("CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED "
+                               "FOR EACH ROW EXECUTE FUNCTION pg_temp.slow()")
+            await conn.execute("INSERT INTO slow VALUES (1)")
+            await pgraw.fetchrow(tx.conn, ADD, _params("in-flight"))
+
+    async def committing() -> bool:
+        async with sm() as s:
+            return bool((await s.execute(text(
+                "select count(*) from pg_stat_activity where datname = current_database() and state = 'active' "
+                "and query like 'COMMIT%'"))).scalar_one())
+
+    task = asyncio.create_task(run())
+    for _ in range(200):
+        if await committing():
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the COMMIT was never seen in flight")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert held[0].is_closed() and _pool_idle(sm)
+    async with pgraw.transaction(engine) as tx:
+        assert await pgraw.driver(tx.conn) is not held[0]
+        await pgraw.fetchrow(tx.conn, ADD, _params("after-the-cancel"))
+    assert "after-the-cancel" in await _visible_elsewhere(sm)
