@@ -225,7 +225,7 @@ async def _apply_outcome(
                 # number): the late callback's id is what a refund needs.
                 session = _orm(db)
                 holder = await _held_elsewhere(session, payment, provider_transaction_id, _locked(settle))
-                await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
+                flag: dict[str, Any] = {}
                 if holder is not None:
                     # The other payment's money, counted here since the completion. Nothing refunded or being
                     # refunded of it here: counted and refundable there only (collected 0), as when the id comes
@@ -237,11 +237,10 @@ async def _apply_outcome(
                              and await refunds_holding(session, payment) == 0)
                     said = await _flag_held_twice(session, payment, provider_transaction_id, holder, actor=actor,
                                                   collected=0 if spare else payment.collected_minor)
-                    if spare:
-                        payment.collected_minor = 0
-                    payment.mismatch = True
-                    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
-                    payment.updated_at = changed_at(payment.updated_at)
+                    flag = {"mismatch": True, "mismatch_detail": add_flag(payment.mismatch_detail, said),
+                            "updated_at": changed_at(payment.updated_at), **({"collected_minor": 0} if spare else {})}
+                await _record_transaction_id(session, payment, provider_transaction_id, actor=actor, flag=flag)
+                if holder is not None:
                     await emit_flagged(session, payment, "transaction_id_held_twice", said)
             elif (provider_transaction_id and stored is not None and provider_transaction_id != stored
                   and provider_transaction_id != provisional_transaction_id):
@@ -288,8 +287,13 @@ async def _apply_outcome(
                     # refunded there. Another cooperative's recording moves nothing here (_same_money).
                     if _same_money(payment, holder):
                         payment.collected_minor = 0
-                    twice = await _flag_held_twice(session, payment, kept, holder, actor=actor,
-                                                   collected=payment.collected_minor)
+                    # Not flushed by the flag's audit row: her payment's changes are written in one UPDATE (by the
+                    # queueing below). A second one has PostgreSQL check the row version this transaction wrote
+                    # against her member row again, a KEY SHARE lock taken after the payment's, which her erasure
+                    # (core.members.erase_member) holds FOR UPDATE while it waits for the payment: a deadlock.
+                    with session.no_autoflush:
+                        twice = await _flag_held_twice(session, payment, kept, holder, actor=actor,
+                                                       collected=payment.collected_minor)
                     payment.mismatch_detail = add_flag(payment.mismatch_detail, twice)
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
@@ -512,6 +516,15 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     for _ in range(3):
         try:
             async with _callback_transaction(rt) as db:
+                if adopted is not None and found is not None:
+                    # Her row first (FOR KEY SHARE), before the payment's: the id it lacks is written, then the
+                    # outcome moves or flags it, and PostgreSQL checks that second row version's key to her member
+                    # row again, a KEY SHARE lock taken after the payment's, which her erasure holds FOR UPDATE while
+                    # it waits for the payment (core.members.erase_member): a deadlock. A round trip only for a
+                    # payment whose request's answer was lost (core.refunds._her_row_first; none of no member).
+                    from core.refunds import _her_row_first  # local: core.refunds imports this module
+
+                    await _her_row_first(_writer(db), [found.id])
                 stored = {"id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
                           "kind": event.kind.value, "status": outcome.value, "payload": payload,
                           "received_at": utcnow()}
@@ -767,15 +780,20 @@ async def _adopt_transaction_id(session: AsyncSession, payment: Payment, transac
 
 
 async def _record_transaction_id(session: AsyncSession, payment: Payment, transaction_id: str, *,
-                                 actor: Actor) -> None:
-    """A completed payment takes the provider's final id (a receipt number), audited."""
+                                 actor: Actor, flag: dict[str, Any]) -> None:
+    """A completed payment takes the provider's final id (a receipt number), audited. `flag`: the columns of a flag
+    raised with it (the id held by another payment), written in the same UPDATE. Written after it, her payment was
+    written twice in the transaction, and PostgreSQL checks the second row version's key to her member row again: a
+    KEY SHARE lock on her row, taken after the payment's, which her erasure (core.members.erase_member) holds FOR
+    UPDATE while it waits for the payment: a deadlock, one of the two rolled back."""
     before = payment.provider_transaction_id
     table = table_of(Payment)
     same = (table.c.provider_transaction_id.is_(None) if before is None
             else table.c.provider_transaction_id == before)
-    await session.execute(update(table).where(table.c.id == payment.id, same)
-                          .values(provider_transaction_id=transaction_id, updated_at=utcnow()))
-    set_committed_value(payment, "provider_transaction_id", transaction_id)
+    values = {"provider_transaction_id": transaction_id, "updated_at": utcnow(), **flag}
+    await session.execute(update(table).where(table.c.id == payment.id, same).values(**values))
+    for key, value in values.items():
+        set_committed_value(payment, key, value)
     await record(session, actor=actor, action="payment.transaction_id_recorded", entity_type="payment",
                  entity_id=payment.id, before={"providerTransactionId": before},
                  after={"providerTransactionId": transaction_id}, cooperative_id=payment.cooperative_id)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core import metrics
 from core.audit import Actor, done_by, record
@@ -715,13 +715,14 @@ async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
     await session.execute(select(Dispute.id).where(linked).order_by(Dispute.id).with_for_update())
 
 
-async def _her_row_first(session: AsyncSession, payments: Any) -> None:
+async def _her_row_first(session: AsyncSession | AsyncConnection, payments: Any) -> None:
     """The row of the member whose payment (`payments`: a query of payment ids) has a refund about to be locked for its
     success, FOR KEY SHARE, before that refund is: a success writes her payment more than once (a late one: its flag,
     then its refunded amount), and PostgreSQL checks a row version this transaction wrote against her row again, a KEY
     SHARE lock taken then, after the refund. An erasure (core.members.erase_member) locks her row, then her refunds:
     the two deadlocked, and the erasure was rolled back. Taken first (as core.disputes._lock_payment takes it), one
-    waits for the other. Nothing is locked for a payment of no member."""
+    waits for the other. Nothing is locked for a payment of no member. (`payments` may be a list of ids too: a payment
+    callback's, core.provider_events.handle_provider_event, on its Core connection.)"""
     await session.execute(select(Member.id).where(Member.id.in_(select(Payment.member_id).where(Payment.id.in_(
         payments)))).with_for_update(read=True, key_share=True))
 

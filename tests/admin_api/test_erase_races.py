@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor
 from core.disputes import move_dispute, open_dispute
@@ -25,12 +28,71 @@ NAME, PHONE = "Jeanne Mukeshimana", "+250788777111"
 ADMIN = Actor("admin:test", "admin")
 
 
-async def _erased(rt: Any, member_id: str) -> Member:
-    """Her erasure in a transaction of its own, waiting at most 10 s for a lock (a deadlock is reported, not hung)."""
+@asynccontextmanager
+async def _patient(rt: Any) -> AsyncIterator[AsyncSession]:
+    """A transaction of its own that waits at most 10 s for a lock (a deadlock is reported, not hung)."""
     async with rt.sessionmaker.begin() as s:
         await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        yield s
+
+
+async def _erased(rt: Any, member_id: str) -> Member:
+    """Her erasure in a transaction of its own (_patient)."""
+    async with _patient(rt) as s:
         return await erase_member(s, await s.get(Member, member_id), actor=ADMIN)
 
+
+def _held(model: Any, row_id: str) -> Any:
+    """The row's lock (FOR UPDATE) a blocker holds while _lined_up lines its steps up for it."""
+    return select(model.id).where(model.id == row_id).with_for_update()
+
+
+async def _lined_up(rt: Any, held: Any, *steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """`steps` run in this order: a blocker holds `held` (_held) while each in turn comes to wait for it (the one
+    before it waiting already), then lets them go. What each returned or raised (a deadlock, a 409), in order."""
+    blocker, tasks = rt.sessionmaker(), []
+    try:
+        await blocker.begin()
+        await blocker.execute(held)
+        for step in steps:
+            tasks.append(asyncio.create_task(step))
+            await waiting_for_locks(rt, len(tasks))
+        await blocker.commit()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+    finally:
+        await blocker.close()
+        for step in steps[len(tasks):]:
+            step.close()  # never started (the blocker failed)
+
+
+async def _refund_word(rt: Any, **event: Any) -> str:
+    """Her refund's provider callback (core.refunds.handle_refund_event), from MTN MoMo."""
+    from core.ports import EventKind
+    from core.ports import ProviderEvent as ProviderEventData
+    from core.refunds import handle_refund_event
+
+    return await handle_refund_event(rt, ProviderEventData(provider="mtn_momo", kind=EventKind.REFUND, **event))
+
+
+async def _settled_refund(rt: Any, admin: Caller, paid: Payment, amount: int, refund: str, payment: str | None = None,
+                          *, reason: str = "paid twice") -> dict[str, Any]:
+    """A refund of `paid` asked for (POST /v1/payments/{id}/refunds) and settled as its provider's word would
+    settle it: `refund`, the refund's columns (an SQL SET list), `payment` the payment's if it moved; its job done."""
+    made = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                            json={"amount": amount, "reason": reason, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text(f"UPDATE refunds SET {refund} WHERE id = :id"), {"id": made["id"]})
+        if payment is not None:
+            await s.execute(text(f"UPDATE payments SET {payment} WHERE id = :id"), {"id": paid.id})
+        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                        {"k": f"refund:{made['id']}"})
+    return made
+
+
+async def _paid_back_in_full(rt: Any, admin: Caller, paid: Payment) -> None:
+    """A refund of all of `paid` (50,000) the provider sent back: the refund COMPLETED, the payment REFUNDED."""
+    await _settled_refund(rt, admin, paid, 50000, "status = 'COMPLETED', completed_at = now()",
+                          "status = 'REFUNDED', refunded_minor = 50000")
 
 @requires_pg
 async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadlocks(
@@ -40,24 +102,13 @@ async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadloc
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)  # suspended: she may be erased
 
     async def opened() -> Dispute:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             payment = await s.get(Payment, paid.id)
             return await open_dispute(s, payment=payment, reason="OTHER", channel="api", actor=ADMIN,
                                       cipher=rt.cipher, answer_days=90)
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up for it: the dispute's opening first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        dispute = asyncio.create_task(opened())
-        await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(dispute, erasure, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the dispute's opening first.
+    results = await _lined_up(rt, _held(Payment, paid.id), opened(), _erased(rt, jeanne["id"]))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
@@ -75,12 +126,7 @@ async def test_a_refunds_late_word_while_she_is_erased_never_deadlocks_the_erasu
     the payment, then its refunds (to clear their notes), and one of the two was rolled back in a deadlock."""
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
-    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                              json={"amount": 10000, "reason": "paid twice", "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:  # the provider sent it back
-        await s.execute(text("UPDATE refunds SET status = 'COMPLETED' WHERE id = :id"), {"id": refund["id"]})
-        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
-                        {"k": f"refund:{refund['id']}"})
+    refund = await _settled_refund(rt, admin, paid, 10000, "status = 'COMPLETED'")  # the provider sent it back
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     # The refund's callback, as it takes its locks: the refund (FOR UPDATE OF refunds), then its payment.
@@ -108,43 +154,26 @@ async def test_a_failed_refunds_late_success_while_she_is_erased_never_deadlocks
     UPDATE (a row version this transaction wrote): a KEY SHARE lock on her row, which the erasure held (FOR UPDATE)
     while it waited for the refund. PostgreSQL ended the deadlock by rolling the erasure back. Her row is locked
     first (core.refunds._her_row_first), as the erasure takes it: the erasure waits, then erases the refund too."""
-    from core.ports import EventKind, ProviderOutcome
-    from core.ports import ProviderEvent as ProviderEventData
-    from core.refunds import handle_refund_event, record_refund_outcome
+    from core.ports import ProviderOutcome
+    from core.refunds import record_refund_outcome
 
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
-    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                              json={"amount": 10000, "reason": f"paid twice, {NAME}", "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:  # the provider refused it (it said)
-        await s.execute(text("UPDATE refunds SET status = 'FAILED', provider_reference = 'RF-LATE-1', "
-                             "failure_reason = 'declined' WHERE id = :id"), {"id": refund["id"]})
-        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
-                        {"k": f"refund:{refund['id']}"})
+    # The provider refused it (it said).
+    refund = await _settled_refund(rt, admin, paid, 10000, "status = 'FAILED', provider_reference = 'RF-LATE-1', "
+                                   "failure_reason = 'declined'", reason=f"paid twice, {NAME}")
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def late_success() -> Any:
         if word == "callback":
-            return await handle_refund_event(rt, ProviderEventData(
-                provider="mtn_momo", kind=EventKind.REFUND, event_id="late-1", reference="RF-LATE-1",
-                outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-RF-9"))
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await _refund_word(rt, event_id="late-1", reference="RF-LATE-1",
+                                      outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-RF-9")
+        async with _patient(rt) as s:
             return await record_refund_outcome(s, rt, refund_id=refund["id"], cooperative_id=None, succeeded=True,
                                                note="on the statement", actor=ADMIN, provider_transaction_id="MTN-RF-9")
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up: the late success (holding the refund) first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        success = asyncio.create_task(late_success())
-        await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(success, erasure, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the late success (holding the refund) first.
+    results = await _lined_up(rt, _held(Payment, paid.id), late_success(), _erased(rt, jeanne["id"]))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
@@ -180,18 +209,8 @@ async def test_a_refund_polled_complete_for_another_amount_while_she_is_erased_n
         await s.execute(text("UPDATE members SET status = 'SUSPENDED' WHERE id = :id"), {"id": payment.member_id})
     await due_now(rt, "refund.poll")
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up: the poll (holding the refund) first
-        await blocker.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update())
-        poll = asyncio.create_task(drain(worker))
-        await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(_erased(rt, payment.member_id))
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(poll, erasure, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the poll (holding the refund) first.
+    results = await _lined_up(rt, _held(Payment, payment.id), drain(worker), _erased(rt, payment.member_id))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         stored, paid = await s.get(Refund, refund.id), await s.get(Payment, payment.id)
@@ -211,36 +230,17 @@ async def test_a_chargeback_beyond_her_refund_recorded_while_she_is_erased_never
 
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
-    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                              json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:  # sent back
-        await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now() WHERE id = :id"),
-                        {"id": refund["id"]})
-        await s.execute(text("UPDATE payments SET status = 'REFUNDED', refunded_minor = 50000 WHERE id = :id"),
-                        {"id": paid.id})
-        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
-                        {"k": f"refund:{refund['id']}"})
+    await _paid_back_in_full(rt, admin, paid)
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def chargeback() -> Any:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             return await request_refund(s, rt, payment_id=paid.id, cooperative_id=None, amount=Money(50000, "RWF"),
                                         reason=None, idempotency_key=idem(), actor=ADMIN,
                                         returned=ReturnedByProvider("MTN-REV-1"))
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up: the chargeback first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        recorded = asyncio.create_task(chargeback())
-        await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(recorded, erasure, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the chargeback first.
+    results = await _lined_up(rt, _held(Payment, paid.id), chargeback(), _erased(rt, jeanne["id"]))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
@@ -399,23 +399,12 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def resolved() -> Dispute:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
                                       actor=ADMIN, note="refunded already, on its way")
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the refund of the lower id while both line up for it: the erasure first
-        await blocker.execute(select(Refund.id).where(Refund.id == newer["id"]).with_for_update())
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 1)
-        resolution = asyncio.create_task(resolved())
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        refused, done = await asyncio.gather(erasure, resolution, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for the refund of the lower id: the erasure first.
+    refused, done = await _lined_up(rt, _held(Refund, newer["id"]), _erased(rt, jeanne["id"]), resolved())
     assert isinstance(refused, Conflict) and "refund(s) still open" in str(refused), refused
     assert isinstance(done, Dispute) and done.status == "RESOLVED", done
     async with rt.sessionmaker() as s:
@@ -441,24 +430,13 @@ async def test_a_resolution_with_a_chargeback_while_she_is_erased_never_deadlock
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def resolved() -> Dispute:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
                                       actor=ADMIN, refund_amount=Money(paid.amount_minor, paid.currency),
                                       returned=ReturnedByProvider("MTN-CB-1"))
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up for it: the erasure first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 1)
-        resolution = asyncio.create_task(resolved())
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(erasure, resolution, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the erasure first.
+    results = await _lined_up(rt, _held(Payment, paid.id), _erased(rt, jeanne["id"]), resolved())
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         row = await s.get(Dispute, dispute["id"])
@@ -536,23 +514,14 @@ async def test_a_resolution_recording_a_chargeback_as_she_is_erased_never_deadlo
     dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER",
                                                                    "note": f"called {NAME}"})
     if chargeback == "beyond":  # paid back in full already: the chargeback gives back more than was collected
-        refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                                  json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
-        async with rt.sessionmaker.begin() as s:  # sent back
-            await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now() WHERE id = :id"),
-                            {"id": refund["id"]})
-            await s.execute(text("UPDATE payments SET status = 'REFUNDED', refunded_minor = 50000 WHERE id = :id"),
-                            {"id": paid.id})
-            await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
-                            {"k": f"refund:{refund['id']}"})
+        await _paid_back_in_full(rt, admin, paid)
     elif chargeback == "withdrawing":  # a refund asked for during the dispute, not sent yet: withdrawn by it
         refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
                                   json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def resolved() -> Dispute:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             move: dict[str, Any] = {
                 "dispute_id": dispute["id"], "cooperative_id": None, "target": "RESOLVED", "actor": ADMIN,
                 "refund_amount": Money(50000, "RWF"), "returned": ReturnedByProvider("MTN-CB-7")}
@@ -560,18 +529,10 @@ async def test_a_resolution_recording_a_chargeback_as_she_is_erased_never_deadlo
                 return (await move_keyed_dispute(s, rt, idempotency_key=idem(), **move))[0]
             return await move_dispute(s, rt, **move)
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up for it, `first` first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        tasks = {}
-        for which in (first, {"resolution": "erasure", "erasure": "resolution"}[first]):
-            tasks[which] = asyncio.create_task(resolved() if which == "resolution" else _erased(rt, jeanne["id"]))
-            await waiting_for_locks(rt, len(tasks))
-        await blocker.commit()
-        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment, `first` first.
+    order = (first, {"resolution": "erasure", "erasure": "resolution"}[first])
+    results = await _lined_up(rt, _held(Payment, paid.id), *(
+        resolved() if which == "resolution" else _erased(rt, jeanne["id"]) for which in order))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
@@ -608,24 +569,15 @@ async def test_a_resolution_sending_her_a_refund_as_she_is_erased_waits_and_one_
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def resolved() -> Dispute:
-        async with rt.sessionmaker.begin() as s:
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+        async with _patient(rt) as s:
             return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
                                       actor=ADMIN, refund_amount=Money(50000, "RWF"),
                                       to_paying_number=to_paying_number)
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up for it, `first` first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        tasks = {}
-        for which in (first, {"resolution": "erasure", "erasure": "resolution"}[first]):
-            tasks[which] = asyncio.create_task(resolved() if which == "resolution" else _erased(rt, jeanne["id"]))
-            await waiting_for_locks(rt, len(tasks))
-        await blocker.commit()
-        results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True), strict=True))
-    finally:
-        await blocker.close()
+    # Both line up for her payment, `first` first.
+    order = (first, {"resolution": "erasure", "erasure": "resolution"}[first])
+    results = dict(zip(order, await _lined_up(rt, _held(Payment, paid.id), *(
+        resolved() if which == "resolution" else _erased(rt, jeanne["id"]) for which in order)), strict=True))
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
         row = await s.get(Dispute, dispute["id"])
@@ -650,46 +602,28 @@ async def test_a_completed_refund_reported_failed_while_she_is_erased_never_dead
     her payment written twice, and PostgreSQL checks the second row version's key to her member row again, a KEY SHARE
     lock on her row, which the erasure held (FOR UPDATE) while it waited for her refund: a deadlock, the erasure rolled
     back (503). One UPDATE now: nothing waits for her row, and both are done."""
-    from core.ports import EventKind, ProviderOutcome
-    from core.ports import ProviderEvent as ProviderEventData
-    from core.refunds import apply_refund_outcome, handle_refund_event, lock_for_outcome
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome, lock_for_outcome
 
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
-    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                              json={"amount": 10000, "reason": f"paid twice, {NAME}", "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:  # the provider sent it back (it said)
-        await s.execute(text("UPDATE refunds SET status = 'COMPLETED', completed_at = now(), "
-                             "provider_reference = 'RF-UNDONE-1' WHERE id = :id"), {"id": refund["id"]})
-        await s.execute(text("UPDATE payments SET status = 'PARTIALLY_REFUNDED', refunded_minor = 10000 "
-                             "WHERE id = :id"), {"id": paid.id})
-        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
-                        {"k": f"refund:{refund['id']}"})
+    # The provider sent it back (it said).
+    refund = await _settled_refund(
+        rt, admin, paid, 10000, "status = 'COMPLETED', completed_at = now(), provider_reference = 'RF-UNDONE-1'",
+        "status = 'PARTIALLY_REFUNDED', refunded_minor = 10000", reason=f"paid twice, {NAME}")
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
     async def reported_failed() -> Any:
         if word == "callback":
-            return await handle_refund_event(rt, ProviderEventData(
-                provider="mtn_momo", kind=EventKind.REFUND, event_id="undone-1", reference="RF-UNDONE-1",
-                outcome=ProviderOutcome.FAILED, reason="reversed by the provider"))
-        async with rt.sessionmaker.begin() as s:  # (core.jobs: a status answer)
-            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await _refund_word(rt, event_id="undone-1", reference="RF-UNDONE-1",
+                                      outcome=ProviderOutcome.FAILED, reason="reversed by the provider")
+        async with _patient(rt) as s:  # (core.jobs: a status answer)
             fresh = await lock_for_outcome(s, refund["id"], ProviderOutcome.FAILED)
             return await apply_refund_outcome(s, rt, fresh, ProviderOutcome.FAILED, actor=ADMIN,
                                               reason="reversed by the provider")
 
-    blocker = rt.sessionmaker()
-    try:
-        await blocker.begin()  # holds the payment while both line up: the failure (holding the refund) first
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
-        failure = asyncio.create_task(reported_failed())
-        await waiting_for_locks(rt, 1)
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 2)
-        await blocker.commit()
-        results = await asyncio.gather(failure, erasure, return_exceptions=True)
-    finally:
-        await blocker.close()
+    # Both line up for her payment: the failure (holding the refund) first.
+    results = await _lined_up(rt, _held(Payment, paid.id), reported_failed(), _erased(rt, jeanne["id"]))
     assert not any(isinstance(r, BaseException) for r in results), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
@@ -699,3 +633,70 @@ async def test_a_completed_refund_reported_failed_while_she_is_erased_never_dead
     assert (stored.status, stored.reason) == ("COMPLETED", None)
     assert payment.mismatch and "reported failed after it was completed" in payment.mismatch_detail
     assert payment.payment_account_masked == "erased"
+
+
+@requires_pg
+@pytest.mark.parametrize("word", ["after_failure", "late_receipt", "adopted"])
+async def test_a_payment_callback_writing_her_payment_twice_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, admin: Caller, demo: Any, monkeypatch: Any, word: str) -> None:
+    """The provider's callback about a settled payment of hers as the desk erases her: its first statement locks the
+    payment (core.provider_events._store_event_and_lock), and the erasure, holding her row (FOR UPDATE), waits for it.
+    A callback that then writes her payment twice has PostgreSQL check the second row version's key to her member row
+    again, a KEY SHARE lock on her row behind the erasure's: a deadlock, one of the two rolled back. So it did:
+    - money reported taken after her payment had failed, its receipt held by another payment of the cooperative
+      (_flag_held_twice's audit row flushed part of the flag, the rest was flushed after it);
+    - a late receipt of a payment completed under a provisional id, held by another payment (the id's UPDATE, then the
+      flag's);
+    - an unsigned callback found by our reference for a payment whose request's answer was lost (no id: TIMEOUT),
+      completing it late (the adopted id's UPDATE, then the move's).
+    The first two write her payment once now; the third takes her row first (FOR KEY SHARE): both are done."""
+    from core.money import Money
+    from core.ports import EventKind, ProviderOutcome, StatusResult
+    from core.ports import ProviderEvent as ProviderEventData
+    from core.provider_events import handle_provider_event
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    status, stored = {"after_failure": ("FAILED", None), "late_receipt": ("COMPLETED", "ws_CO_1"),
+                      "adopted": ("TIMEOUT", None)}[word]
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"], status=status)
+    other = await make_payment(rt, demo["cooperative_id"], account="+250788000222")  # holds the receipt too
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("UPDATE payments SET provider_transaction_id = :txn WHERE id = :id"),
+                        {"txn": stored, "id": paid.id})
+        await s.execute(text("UPDATE payments SET provider_transaction_id = 'RCPT-1' WHERE id = :id"),
+                        {"id": other.id})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    receipt = "RCPT-9" if word == "adopted" else "RCPT-1"
+    if word == "after_failure":
+        event = ProviderEventData(provider="mtn_momo", kind=EventKind.COLLECTION, event_id=f"{word}-1",
+                                  reference=paid.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
+                                  amount=Money(50_000, "RWF"), provider_transaction_id=receipt)
+    else:  # (by the provider's id: M-Pesa's CheckoutRequestID; a lost request's found by our reference)
+        raw = {"lookup": "provider_transaction_id"}
+        if word == "adopted":
+            raw["provider_reference"] = paid.provider_reference
+
+            async def confirmed(*_args: Any) -> StatusResult:
+                return StatusResult(ProviderOutcome.SUCCEEDED, provider_transaction_id=receipt)
+
+            monkeypatch.setattr(rt.providers["mtn_momo"], "collection_status", confirmed)
+        event = ProviderEventData(provider="mtn_momo", kind=EventKind.COLLECTION, event_id=f"{word}-1",
+                                  reference=stored or "ws_CO_9", outcome=ProviderOutcome.SUCCEEDED,
+                                  provider_transaction_id=receipt, needs_confirmation=word == "adopted", raw=raw)
+
+    # Both line up for her payment: the callback first.
+    results = await _lined_up(rt, _held(Payment, paid.id), handle_provider_event(rt, event),
+                              _erased(rt, jeanne["id"]))
+    assert not any(isinstance(r, BaseException) for r in results), results
+    assert results[0] == {"after_failure": "flagged_success_after_failure", "late_receipt": "already_completed",
+                          "adopted": "late_completed"}[word]
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        payment = await s.get(Payment, paid.id)
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert (payment.provider_transaction_id, payment.payment_account_masked) == (receipt, "erased")
+    if word == "adopted":
+        assert (payment.status, payment.late, payment.mismatch) == ("COMPLETED", True, False)
+    else:  # its money is the other payment's: counted there, flagged here
+        assert (payment.status, payment.collected_minor, payment.mismatch) == (status, 0, True)
+        assert f"held by payment {other.reference} too" in payment.mismatch_detail
