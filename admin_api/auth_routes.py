@@ -373,7 +373,7 @@ async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     coop_id = (await target_cooperative(ctx, ctx.body.get("cooperativeId"))).id
     # The caller's token claims (verified already, so read from the cache): a password change or deactivation
     # that ends this session while the key is being made refuses it (see auth.create_api_key).
-    _, claims = await authenticate(request, ctx.session, ctx.rt)
+    _, claims = await authenticate(request, ctx.rt)
     key, clear = await auth.create_api_key(
         ctx.session,
         cooperative_id=coop_id,

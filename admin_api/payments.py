@@ -45,6 +45,7 @@ from admin_api.validation import (
 )
 from core.auth import OWN_PAYMENTS
 from core.collect_now import CollectNow
+from core.db import autocommit
 from core.errors import (
     IDEMPOTENCY_KEY_OTHER_CALLER,
     IDEMPOTENCY_KEY_REUSED,
@@ -58,6 +59,7 @@ from core.money import Money
 from core.payments import (
     METHOD_OPERATOR,
     METHODS,
+    Db,
     NewPayment,
     collected_to_credit,
     create_payment,
@@ -401,7 +403,7 @@ def _collected(p: Payment) -> int | str:
     return money_out(taken.minor, taken.currency)
 
 
-async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:
+async def _tenants_own_number(ctx: Ctx, db: Db, account: str, country: str) -> None:
     """A tenant's mobile-money payment is paid from her own registered number. From any number, a tenant put a PIN
     prompt on another member's phone and read his wallet's answer in the payment's failureReason ("insufficient
     funds"). Refused alike for any other number, so it tells nothing of whose number it is; an admin makes a
@@ -410,7 +412,7 @@ async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:
         index = ctx.rt.cipher.blind_index(normalize(account, country).e164)
     except PhoneError:
         return
-    own = await ctx.session.scalar(select(Member.phone_index).where(Member.id == ctx.who.member_id))
+    own = await db.scalar(select(Member.phone_index).where(Member.id == ctx.who.member_id))
     if index != own:
         raise ValidationError("paymentAccount must be your own registered number: a member pays from her own "
                               "number (your cooperative's office can make a payment from another)",
@@ -418,61 +420,18 @@ async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:
 
 
 async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    body, who = ctx.body, ctx.who
-    own_idempotency_key(body["idempotencyKey"])
-    coop_id = who.target_cooperative(body.get("cooperativeId"))
-    member_id = body.get("memberId")
-    if who.is_tenant:
-        if member_id and member_id != who.member_id:
-            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
-        member_id = who.member_id
-    elif member_id:
-        visible = await ctx.session.execute(
-            who.scope(select(Member.id).where(Member.id == member_id), Member)
-        )
-        if visible.scalar_one_or_none() is None:
-            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
-    # No member named by an admin or a key (seed 001 has no memberId): the payment is the cooperative's active
-    # member's whose registered number pays, as a USSD payment is the dialling member's.
-    by_account = member_id is None and not who.is_tenant
-    guess = payer_index_guess(ctx.rt.cipher, body["paymentMethod"], body["paymentAccount"]) if by_account else None
-    # The cooperative, the type and the members in one query, handed to create_payment (not read twice).
-    context = await load_context(ctx.session, coop_id, body["paymentTypeId"], member_id, payer_index=guess)
-    ptype = context.ptype
-    if ptype is None:
-        raise NotFound("payment type not found", field="paymentTypeId")
-    if (who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None
-            and not await payment_key_used(ctx)):
-        # (A key used already makes nothing: her retry answers her payment, made from her number then, as any
-        # replay does; another's payment or another request under it is a 409 below.)
-        await _tenants_own_number(ctx, body["paymentAccount"], context.coop.country)
-    due = body.get("dueDate")
-    new = NewPayment(
-        cooperative_id=coop_id,
-        payment_type_id=ptype.id,
-        method=body["paymentMethod"],
-        account=body["paymentAccount"],
-        idempotency_key=body["idempotencyKey"],
-        channel="api",
-        amount=Money.from_api(body["amount"], ptype.currency),
-        member_id=member_id,
-        description=body.get("description"),
-        due_date=_parse_due(due) if due is not None else None,  # ("": refused by the schema, never "none")
-        member_from_account=by_account,
-    )
-    payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor, context=context)
-    if not created and who.is_tenant and payment.member_id != who.member_id:
-        # The key names another member's payment (one whose payer was erased keeps no request to compare, so the
-        # key alone matched it): refused as any other request under a used key, not answered with that payment.
-        raise Conflict("Payment with this idempotency key already exists with a different request",
-                       field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
-    if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
-        # A key that reads only its own payments (payments:write) replaying another key's request (a retry sent
-        # with a rotated key): the payment it would answer with is one it cannot read or poll afterwards.
-        raise Conflict("a payment with this idempotency key was made by another API key, which this key cannot "
-                       "read: look it up with a key that has payments:read, or use a new idempotency key for a "
-                       "new payment", field="idempotencyKey", code=IDEMPOTENCY_KEY_OTHER_CALLER)
-    await ctx.session.commit()
+    held = ctx.held.made
+    if ctx.rt.engine.dialect.name == "postgresql" and (held is None or not held.in_transaction()):
+        # A Core connection in autocommit, no ORM session: the request's statements are raw and each atomic alone
+        # (the context's read, the payment with its audit row and jobs in one statement, a replay's read), and the
+        # session around them (its checkout, commit and close; the payment added to it) cost more CPU than they did
+        # (bench/README.md's forty-sixth round). Not beside a session holding a connection already (a replay past
+        # the limit was looked up in it): one connection a request, as the pool is sized for.
+        async with autocommit(ctx.rt.engine) as conn:
+            payment, created = await _create(ctx, conn)
+    else:
+        payment, created = await _create(ctx, ctx.session)
+        await ctx.session.commit()
     wait = ctx.rt.settings.payment_url_wait_seconds
     if (wait > 0 and payment.method not in METHOD_OPERATOR and payment.payment_url is None
             and payment.status == PaymentStatus.PENDING.value):
@@ -488,12 +447,74 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     return response
 
 
+async def _create(ctx: Ctx, db: Db) -> tuple[Payment, bool]:
+    """The request's payment made, or the one its key made (created False), on `db`: the request's session, or on
+    PostgreSQL a Core connection in autocommit (the payment then comes back detached)."""
+    body, who = ctx.body, ctx.who
+    own_idempotency_key(body["idempotencyKey"])
+    coop_id = who.target_cooperative(body.get("cooperativeId"))
+    member_id = body.get("memberId")
+    if who.is_tenant:
+        if member_id and member_id != who.member_id:
+            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
+        member_id = who.member_id
+    elif member_id:
+        visible = await db.execute(who.scope(select(Member.id).where(Member.id == member_id), Member))
+        if visible.scalar_one_or_none() is None:
+            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
+    # No member named by an admin or a key (seed 001 has no memberId): the payment is the cooperative's active
+    # member's whose registered number pays, as a USSD payment is the dialling member's.
+    by_account = member_id is None and not who.is_tenant
+    guess = payer_index_guess(ctx.rt.cipher, body["paymentMethod"], body["paymentAccount"]) if by_account else None
+    # The cooperative, the type and the members in one query, handed to create_payment (not read twice).
+    context = await load_context(db, coop_id, body["paymentTypeId"], member_id, payer_index=guess)
+    ptype = context.ptype
+    if ptype is None:
+        raise NotFound("payment type not found", field="paymentTypeId")
+    if (who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None
+            and not await _key_used(db, coop_id, body["idempotencyKey"])):
+        # (A key used already makes nothing: her retry answers her payment, made from her number then, as any
+        # replay does; another's payment or another request under it is a 409 below.)
+        await _tenants_own_number(ctx, db, body["paymentAccount"], context.coop.country)
+    due = body.get("dueDate")
+    new = NewPayment(
+        cooperative_id=coop_id,
+        payment_type_id=ptype.id,
+        method=body["paymentMethod"],
+        account=body["paymentAccount"],
+        idempotency_key=body["idempotencyKey"],
+        channel="api",
+        amount=Money.from_api(body["amount"], ptype.currency),
+        member_id=member_id,
+        description=body.get("description"),
+        due_date=_parse_due(due) if due is not None else None,  # ("": refused by the schema, never "none")
+        member_from_account=by_account,
+    )
+    payment, created = await create_payment(db, ctx.rt, new, actor=who.actor, context=context)
+    if not created and who.is_tenant and payment.member_id != who.member_id:
+        # The key names another member's payment (one whose payer was erased keeps no request to compare, so the
+        # key alone matched it): refused as any other request under a used key, not answered with that payment.
+        raise Conflict("Payment with this idempotency key already exists with a different request",
+                       field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
+    if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
+        # A key that reads only its own payments (payments:write) replaying another key's request (a retry sent
+        # with a rotated key): the payment it would answer with is one it cannot read or poll afterwards.
+        raise Conflict("a payment with this idempotency key was made by another API key, which this key cannot "
+                       "read: look it up with a key that has payments:read, or use a new idempotency key for a "
+                       "new payment", field="idempotencyKey", code=IDEMPOTENCY_KEY_OTHER_CALLER)
+    return payment, created
+
+
 async def payment_key_used(ctx: Ctx) -> bool:
     """Route.replay of both payment creates: whether the cooperative holds a payment made under the request's key
     (POST /v1/payments and a recorded payment share a cooperative's keys: either's handler answers it or a 409)."""
-    coop_id = ctx.who.target_cooperative(ctx.body.get("cooperativeId"))
-    made = await ctx.session.execute(select(Payment.id).where(
-        Payment.cooperative_id == coop_id, Payment.idempotency_key == ctx.body["idempotencyKey"].strip()))
+    return await _key_used(ctx.session, ctx.who.target_cooperative(ctx.body.get("cooperativeId")),
+                           ctx.body["idempotencyKey"])
+
+
+async def _key_used(db: Db, coop_id: str, key: str) -> bool:
+    made = await db.execute(select(Payment.id).where(Payment.cooperative_id == coop_id,
+                                                     Payment.idempotency_key == key.strip()))
     return made.first() is not None
 
 

@@ -43,14 +43,21 @@ TOO_MANY = "Too many requests. Please try again later."
 
 @dataclass
 class Ctx:
-    """What a handler gets besides the request: the runtime, one session, the caller and checked input."""
+    """What a handler gets besides the request: the runtime, one session, the caller and checked input.
+
+    The session is made at its first use (core.db.Held): a handler that runs on a Core connection instead (an API
+    payment on PostgreSQL: admin_api.payments.initiate_payment) makes none."""
 
     rt: Runtime
-    session: AsyncSession
+    held: Held
     principal: Principal | None
     body: Any
     query: dict[str, Any]
     request: web.Request
+
+    @property
+    def session(self) -> AsyncSession:
+        return self.held.session
 
     @property
     def who(self) -> Principal:
@@ -117,8 +124,7 @@ def client_ip(request: web.Request) -> str:
 API_KEY_PREFIX = "cpk_"  # core.crypto.new_api_key's
 
 
-async def authenticate(request: web.Request, session: AsyncSession,
-                       rt: Runtime) -> tuple[Principal, dict[str, Any] | None]:
+async def authenticate(request: web.Request, rt: Runtime) -> tuple[Principal, dict[str, Any] | None]:
     """The caller, and a signed-in user's token claims (None for an API key: its row was just read).
 
     An API key is looked up on a connection of its own, in autocommit, and that connection goes back to the
@@ -199,7 +205,7 @@ class _Counted:
 
 
 async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,
-                                claims: dict[str, Any] | None, session: AsyncSession) -> _Counted | None:
+                                claims: dict[str, Any] | None, held: Held) -> _Counted | None:
     """The rate limit and a user token's revocation mark, read in one Redis round trip. A request the limit
     refuses is answered 429 here, unless its route answers replays (Route.replay): `_wrap` decides then, once
     it has the body. The decision (None: no limit applied).
@@ -236,7 +242,7 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
             auth.check_not_revoked(claims, stamp)
         else:
             # The rows, and when the account's sessions were last ended (what the mark would say).
-            await auth.check_still_active(session, principal.id, claims)
+            await auth.check_still_active(held.session, principal.id, claims)
     if counted is not None:
         request[RATE_DECISION] = counted.decision
         if not counted.decision.allowed and route.replay is None:
@@ -287,7 +293,7 @@ async def _names_earlier(route: Route, ctx: Ctx) -> bool:
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-async def _period(request: web.Request, session: AsyncSession, principal: Principal | None,
+async def _period(request: web.Request, held: Held, principal: Principal | None,
                   query: dict[str, Any]) -> None:
     """A `from`/`to` period, the same on every route that takes one (lists, reports, exports). A bare date
     (2025-10-01) is midnight in the cooperative's own time zone for a caller of one cooperative, as its receipts
@@ -301,7 +307,7 @@ async def _period(request: web.Request, session: AsyncSession, principal: Princi
             and _DATE_ONLY.match(request.query.get(name, "").strip())]
     coop_id = (principal.cooperative_id or query.get("cooperativeId")) if principal is not None else None
     if bare and coop_id:
-        coop = await session.get(Cooperative, coop_id)
+        coop = await held.session.get(Cooperative, coop_id)
         zone = zone_of(coop.timezone if coop else None)
         for name in bare:
             query[name] = _local_midnight(query[name], zone)
@@ -347,27 +353,28 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         request[REQUEST_FIELDS] = fields  # what an error's `field` may name (admin_api.errors)
         rt = request.config_dict[RUNTIME]
         raw = await _read_raw_body(request, route)
-        async with Held(rt.sessionmaker) as session:
+        held = Held(rt.sessionmaker)  # its session made at the first use (a payment on a Core connection makes none)
+        try:
             principal: Principal | None = None
             claims: dict[str, Any] | None = None
             if route.scope is not None:
-                principal, claims = await authenticate(request, session, rt)
+                principal, claims = await authenticate(request, rt)
             # A revoked token is refused (401) before its scope is looked at (403).
-            counted = await _limit_and_revocation(request, rt, route, principal, claims, session)
+            counted = await _limit_and_revocation(request, rt, route, principal, claims, held)
             # Refused by the limit, on a route that answers replays (else refused already): 429 unless it is one.
             refused = counted is not None and not counted.decision.allowed
             try:
                 _let_in(principal, route)
                 query = parse_query(request.query, route.query)
                 if "from" in route.query and "to" in route.query:
-                    await _period(request, session, principal, query)
+                    await _period(request, held, principal, query)
                 body: Any = None
                 if route.body is not None:
                     body = parse_json(raw or b"", request)
                     validate(body, route.body)
                 elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
                     raise ApiError(400, ["this endpoint takes no request body"])
-                ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
+                ctx = Ctx(rt=rt, held=held, principal=principal, body=body, query=query, request=request)
                 if refused and not (counted is not None and await counted.replay_allowed()
                                     and await _names_earlier(route, ctx)):
                     raise ApiError(429, TOO_MANY)
@@ -378,11 +385,13 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                     # what the limit says; the handler's transaction is rolled back with the session.
                     raise ApiError(429, TOO_MANY) from None
                 raise
-            if session.in_transaction():
-                await session.commit()
+            if held.made is not None and held.made.in_transaction():
+                await held.made.commit()
             if counted is not None and route.replay is not None and response.headers.get(IDEMPOTENT_REPLAYED):
                 request[RATE_DECISION] = await _not_counted(counted, route)
             return response
+        finally:
+            await held.close()
 
     endpoint.__name__ = route.name
     endpoint.__doc__ = route.summary

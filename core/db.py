@@ -357,21 +357,38 @@ class Held:
     abandon a connection half given back. A session whose work was committed (or that never checked one out)
     has no transaction and no connection: its close only forgets its instances, with no I/O to protect, and
     runs here without the task (about 25 us of CPU less per request). One with a transaction still open (an
-    error left it, or nothing committed it) is closed the shielded way, as before."""
+    error left it, or nothing committed it) is closed the shielded way, as before.
 
-    __slots__ = ("session",)
+    The session is made at its first use (`session`; `async with` asks for it at once): a request whose handler
+    runs on a Core connection (admin_api.payments' create on PostgreSQL) makes none; `made` is it, if it was, and
+    close() closes it as the exit does."""
+
+    __slots__ = ("_maker", "made")
 
     def __init__(self, maker: async_sessionmaker[AsyncSession]) -> None:
-        self.session = maker()
+        self._maker = maker
+        self.made: AsyncSession | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        if self.made is None:
+            self.made = self._maker()
+        return self.made
 
     async def __aenter__(self) -> AsyncSession:
         return self.session
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self.session.in_transaction():
-            await self.session.__aexit__(*exc)
+        await self.close()
+
+    async def close(self) -> None:
+        session = self.made
+        if session is None:
+            return
+        if session.in_transaction():
+            await session.__aexit__(None, None, None)  # (its close in a shielded task; the arguments are unused)
         else:
-            self.session.sync_session.close()
+            session.sync_session.close()
 
 
 # Name search ignores case and accents: "zoe" finds Zoë, "eric" Éric, and a name stored with its accent as a mark of

@@ -14,14 +14,14 @@ import phonenumbers
 from phonenumbers import carrier
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased, configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from core import metrics, pgraw
 from core.audit import Actor, phone_changes, record
 from core.cooperatives import zone_of
-from core.db import ADVISORY_XACT_LOCK, iso_z, lock_row, row_insert, serialise_on_sqlite, utcnow
+from core.db import ADVISORY_XACT_LOCK, iso_z, lock_row, row_insert, serialise_on_sqlite, table_of, utcnow
 from core.errors import (
     IDEMPOTENCY_KEY_IN_FLIGHT,
     IDEMPOTENCY_KEY_REUSED,
@@ -177,8 +177,25 @@ def check_idempotency_key(key: str) -> str:
     return key
 
 
-async def find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> Payment | None:
-    """The cooperative's payment made with idempotency key `key`, if any."""
+# Where an API payment is made on PostgreSQL: a Core connection in autocommit (core.db.autocommit), no ORM session
+# (admin_api.payments.initiate_payment: its statements were raw already, each atomic alone, and the session around
+# them, its checkout, commit and close, cost more CPU than any of them). Elsewhere, and for USSD, a session.
+Db = AsyncSession | AsyncConnection
+
+# The cooperative's payment under a key, every column in the table's order (a replay's read on a Core connection).
+_BY_KEY = select(*table_of(Payment).c).where(table_of(Payment).c.cooperative_id == bindparam("coop_id", type_=String),
+                                             table_of(Payment).c.idempotency_key == bindparam("key", type_=String))
+_KEYS_IN_TABLE_ORDER = tuple({column.name: attribute.key for attribute in Payment.__mapper__.column_attrs
+                              for column in attribute.columns}[c.name] for c in table_of(Payment).c)
+
+
+async def find_by_key(session: Db, cooperative_id: str, key: str) -> Payment | None:
+    """The cooperative's payment made with idempotency key `key`, if any. On a Core connection (PostgreSQL) one raw
+    SELECT in autocommit, the payment built detached as a load builds it (_loaded): no session, no BEGIN and COMMIT
+    around the read."""
+    if isinstance(session, AsyncConnection):
+        row = await pgraw.fetchrow(session, pgraw.compiled(_BY_KEY), {"coop_id": cooperative_id, "key": key})
+        return None if row is None else _loaded(dict(zip(_KEYS_IN_TABLE_ORDER, row, strict=True)))
     return (await session.execute(
         select(Payment).where(Payment.cooperative_id == cooperative_id, Payment.idempotency_key == key)
     )).scalar_one_or_none()
@@ -237,7 +254,7 @@ def _provider_reference(cipher: PiiCipher, new: NewPayment, cooperative_id: str,
     return str(uuid.uuid4())
 
 
-async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *, actor: Actor,
+async def create_payment(session: Db, rt: Runtime, new: NewPayment, *, actor: Actor,
                          context: PaymentContext | None = None) -> tuple[Payment, bool]:
     """Create a PENDING payment and queue its collection; a replayed key returns the first payment.
 
@@ -248,6 +265,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     SELECT before it.
     `context`: the cooperative, type and member as load_context read them, when the caller already did (with
     payer_index_guess's index when `new.member_from_account`: the paying member is then found in that read).
+    `session`: on PostgreSQL it may be a Core connection in autocommit (core.db.autocommit: an API payment, Db): the
+    same statements run on it, the payment comes back detached, and the rare checks that read through the ORM (a due
+    date's type, a balance) get a session on that connection for their read (pgraw.orm).
     """
     key = check_idempotency_key(new.idempotency_key)
     if new.method not in METHODS:
@@ -276,10 +296,12 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
     if refused is None and new.due_date is not None:
-        refused = await _due_date_refusal(session, coop, ptype, new.due_date)
+        async with pgraw.orm(session) as orm:
+            refused = await _due_date_refusal(orm, coop, ptype, new.due_date)
     if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
-        refused = await _balance_refusal(session, rt, new, coop, amount, open_checked=context.any_open_checked,
-                                         payer=rt.cipher.blind_index(account))
+        async with pgraw.orm(session) as orm:
+            refused = await _balance_refusal(orm, rt, new, coop, amount, open_checked=context.any_open_checked,
+                                             payer=rt.cipher.blind_index(account))
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -347,16 +369,19 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     ]
     zone = zone_of(coop.timezone)  # the reference is dated by the cooperative's day, as its receipt is
     try:
-        if session.get_bind().dialect.name == "postgresql":
+        if pgraw.dialect_name(session) == "postgresql":
             reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs, zone)
         else:
+            assert isinstance(session, AsyncSession), "a Core connection is PostgreSQL's"
             reference = await _insert_step_by_step(session, values, actor, audit_after, jobs, zone)
     except IntegrityError as exc:
         if "provider_reference" not in str(exc.orig):
             raise
         # The request id this request derives is held by another payment: after a restore, the lost payment recorded
-        # from the statement with its gatewayReference (record_payment). Its money is that payment's.
-        await session.rollback()
+        # from the statement with its gatewayReference (record_payment). Its money is that payment's. (On a Core
+        # connection in autocommit the failed statement was its own transaction: nothing to roll back.)
+        if isinstance(session, AsyncSession):
+            await session.rollback()
         held = await _reference_holder(session, values["provider"], values["provider_reference"])
         named = f"as payment {held.reference} " if held is not None and held.cooperative_id == coop.id else ""
         raise Conflict(f"this request's money is recorded already {named}(recorded from the provider's statement "
@@ -370,6 +395,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         return _replay(rt.cipher, existing, new, account)
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
+    if isinstance(session, AsyncConnection):
+        return _loaded(values), True
     return _persistent(session, values), True
 
 
@@ -699,7 +726,7 @@ async def take_turns_paying(session: AsyncSession, cooperative_id: str, member_i
         await serialise_on_sqlite(session, Member, member_id)
 
 
-async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
+async def load_context(session: Db, cooperative_id: str, payment_type_id: str,
                        member_id: str | None, *, payer_index: str | None = None,
                        open_like: OpenLike | None = None) -> PaymentContext:
     """The cooperative, its payment type, whether the member is theirs and, with `payer_index`
@@ -721,7 +748,7 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
             due, paid_for = open_like.period
             params.update(open_period_since=paid_for.since, open_due_from=paid_for.due_from,
                           open_due_until=paid_for.due_until, open_named=utc_midnight(due))
-    if session.get_bind().dialect.name == "postgresql":
+    if pgraw.dialect_name(session) == "postgresql":
         row: Any = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
     else:
         found = (await session.execute(statement, params)).first()
@@ -757,7 +784,7 @@ def payer_index_guess(cipher: PiiCipher, method: str, account: str) -> str | Non
         return None  # create_payment refuses it, with the cooperative's country
 
 
-async def paying_member(session: AsyncSession, context: PaymentContext, cooperative_id: str,
+async def paying_member(session: Db, context: PaymentContext, cooperative_id: str,
                         index: str) -> str | None:
     """The cooperative's ACTIVE member whose registered number has blind index `index` (the account's, as stored):
     the one a payment that names no member is made by, as USSD attaches the dialling member. A pending or
@@ -801,7 +828,7 @@ def _loaded(values: dict[str, Any]) -> Payment:
     return payment
 
 
-async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any], actor: Actor,
+async def _insert_in_one_statement(session: Db, values: dict[str, Any], actor: Actor,
                                    audit_after: dict[str, Any], jobs: list[NewJob], zone: tzinfo) -> str | None:
     """WITH p AS (INSERT payment ON CONFLICT (cooperative, key) DO NOTHING RETURNING ...), the audit row and
     the jobs inserted from p: all or nothing, in one round trip. The reference's number comes from the
@@ -1040,7 +1067,7 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
     return payment
 
 
-async def _reference_holder(session: AsyncSession, provider: str, reference: str) -> Any:
+async def _reference_holder(session: Db, provider: str, reference: str) -> Any:
     """The payment (reference, cooperative_id, status, completed_at, collected_minor: what its money is) holding
     `reference` as its request id at `provider`, or None: one probe of the (provider, provider_reference) unique
     index."""

@@ -250,6 +250,23 @@ async def _commit(connection: Connection) -> None:
     connection.commit()
 
 
+@asynccontextmanager
+async def orm(db: AsyncSession | AsyncConnection) -> AsyncIterator[AsyncSession]:
+    """`db` itself when it is a session; else an ORM session on the Core connection `db` for a rare branch that
+    reads through the ORM (a payment's due date checked against its type: core.payments.create_payment on an API
+    payment's connection in autocommit), closed after it. Its reads run on that connection, as they come (each its
+    own in autocommit, as each statement of a READ COMMITTED transaction sees what is committed when it starts);
+    nothing it would write is held back for a commit, so it is for reads."""
+    if isinstance(db, AsyncSession):
+        yield db
+        return
+    session = AsyncSession(bind=db, expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
 def _innermost(sync: Any) -> Any:
     """The session's innermost transaction: its begin_nested()'s if one is open, else its own (None: none)."""
     return sync.get_nested_transaction() or sync.get_transaction()

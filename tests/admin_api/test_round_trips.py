@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from admin_api.payments import present
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.models import ProviderEvent as ProviderEventRow
@@ -25,26 +26,107 @@ pytestmark = requires_pg
 
 @pytest.fixture
 def sent(rt: Any) -> Iterator[list[str]]:
-    """The first words of every statement asyncpg sends to the server (tests.conftest.sql_sent)."""
-    with sql_sent(rt, lambda q: " ".join(q.rstrip("; \n").split()[:4])) as seen:
+    """The first words of every statement asyncpg sends to the server (tests.conftest.sql_sent). A BEGIN that names
+    the server's default isolation level is a BEGIN: a connection given back from autocommit (core.db.autocommit: an
+    API payment's, an API key's lookup, a USSD hop's) has its level set back to that default by name, which asyncpg's
+    BEGIN then spells out (the same one statement, the same transaction)."""
+    with sql_sent(rt, _first_words) as seen:
         yield seen
 
 
+def _first_words(sql: str) -> str:
+    words = sql.rstrip("; \n").split()
+    if words[:5] == ["BEGIN", "ISOLATION", "LEVEL", "READ", "COMMITTED"]:
+        return "BEGIN"
+    return " ".join(words[:4])
+
+
 async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, rt: Any, admin: Any,
-                                                        sent: list[str]) -> None:
+                                                        sent: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     body = payment_body(demo["payment_types"]["Monthly Rent"])
+    made = _sessions_made(monkeypatch)
     sent.clear()
     created = await admin.json("POST", "/v1/payments", 201, json=body)
-    # No BEGIN or COMMIT: the write is one statement, atomic alone.
+    # No BEGIN or COMMIT: the write is one statement, atomic alone. On a Core connection in autocommit, with no ORM
+    # session made for the request (admin_api.payments.initiate_payment), the connection back in the pool.
     assert sent == ["SELECT cooperatives.id AS coop_id,", "WITH n AS (SELECT"], sent
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
     async with rt.sessionmaker() as s:
         stored = await s.get(Payment, created["id"])
     assert stored is not None and stored.reference == created["reference"]
-    # The replay finds the first payment through the INSERT's conflict: one SELECT more, nothing written.
+    assert created == present(stored)  # the answer, from the detached payment, reads as the stored row
+    # The replay finds the first payment through the INSERT's conflict: one SELECT more (raw, in autocommit: no
+    # BEGIN and COMMIT around it), nothing written, still no session.
+    made.clear()
     sent.clear()
     again = await admin.req("POST", "/v1/payments", json=body)
-    assert again.status == 201 and (await again.json())["id"] == created["id"]
-    assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.json() == created
+    assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "SELECT"], sent
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_an_api_payment_with_a_due_date_reads_its_type_through_a_session_on_the_same_connection(
+    client: Any, demo: Any, rt: Any, admin: Any, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A due date is checked against its type read through the ORM: one session, on the payment's connection in
+    autocommit (core.pgraw.orm), so still no BEGIN or COMMIT and one connection for the request."""
+    one_off = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Joining fee", "amount": 50000})
+    checkouts: list[int] = []
+    monkeypatch.setattr(rt.engine.sync_engine.pool, "connect", _counting(rt.engine.sync_engine.pool.connect,
+                                                                         checkouts))
+    made = _sessions_made(monkeypatch)
+    sent.clear()
+    created = await admin.json("POST", "/v1/payments", 201, json=payment_body(
+        one_off["id"], dueDate="2027-03-01T00:00:00Z"))
+    assert [s.split()[0] for s in sent] == ["SELECT", "SELECT", "WITH"], sent
+    assert len(made) == 1 and len(checkouts) == 1 and rt.engine.sync_engine.pool.checkedout() == 0
+    assert created["dueDate"] == "2027-03-01T00:00:00Z"
+
+
+async def test_an_api_payment_refused_or_failing_on_its_core_connection_gives_it_back(
+    client: Any, demo: Any, rt: Any, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another request under a used key (409), and a failure once the write's statement ran (its answer lost): the
+    connection back in the pool, no session made; the statement's rows are whole, and the retry answers them."""
+    body = payment_body(demo["payment_types"]["Monthly Rent"])
+    first = await admin.json("POST", "/v1/payments", 201, json=body)
+    made = _sessions_made(monkeypatch)
+    refused = await admin.json("POST", "/v1/payments", 409, json={**body, "amount": 60000})
+    assert refused["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
+
+    import core.payments as payments
+
+    original = payments._insert_in_one_statement
+
+    async def broken(*args: Any, **kw: Any) -> None:
+        await original(*args, **kw)  # the write's statement fails after it ran: here, its answer is lost
+        raise ConnectionResetError("the write's answer was lost")
+
+    monkeypatch.setattr(payments, "_insert_in_one_statement", broken)
+    lost = {**body, "idempotencyKey": "key-lost-answer-1"}
+    assert (await admin.req("POST", "/v1/payments", json=lost)).status == 503  # (a connection error: a 503)
+    assert made == [] and rt.engine.sync_engine.pool.checkedout() == 0
+    # One statement in autocommit: what it wrote is whole (payment, audit row, both jobs), and the retry answers it.
+    monkeypatch.setattr(payments, "_insert_in_one_statement", original)
+    again = await admin.req("POST", "/v1/payments", json=lost)
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    async with rt.sessionmaker() as s:
+        kept = (await s.execute(select(Payment).where(Payment.idempotency_key == lost["idempotencyKey"]))).scalar_one()
+        audit = (await s.execute(select(func.count()).select_from(AuditEvent)
+                                 .where(AuditEvent.entity_id == kept.id))).scalar_one()
+        jobs = (await s.execute(select(func.count()).select_from(OutboxJob)
+                                .where(OutboxJob.payload["payment_id"].as_string() == kept.id))).scalar_one()
+        assert (await s.get(Payment, first["id"])) is not None
+    assert (await again.json())["id"] == kept.id and audit == 1 and jobs == 2
+
+
+def _counting(connect: Any, calls: list[int]) -> Any:
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return connect(*args, **kw)
+    return counted
 
 
 async def _api_payment(admin: Any, demo: Any, rt: Any) -> Payment:
