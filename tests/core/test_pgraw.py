@@ -405,3 +405,29 @@ async def test_a_core_transaction_cancelled_with_its_commit_in_flight_closes_its
         assert await pgraw.driver(tx.conn) is not held[0]
         await pgraw.fetchrow(tx.conn, ADD, _params("after-the-cancel"))
     assert "after-the-cancel" in await _visible_elsewhere(sm)
+
+
+async def test_an_autocommit_connection_goes_back_without_the_task_unless_something_is_left(
+    sm: Any, monkeypatch: Any
+) -> None:
+    """core.db.autocommit gives a connection back straight to the pool when nothing is left to send (an API payment's,
+    a USSD hop's: no greenlet, no shielded task); one its block left invalidated, or one whose block raised, is closed
+    the shielded way (AsyncConnection.close), and the pool holds nothing either way."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from core.db import autocommit
+
+    engine = sm.kw["bind"]
+    closes = count_calls(monkeypatch, AsyncConnection, "close")
+    async with autocommit(engine) as conn:
+        assert (await pgraw.first(conn, select(literal(7)), {}))[0] == 7
+    assert closes == [] and engine.sync_engine.pool.checkedout() == 0
+    with pytest.raises(RuntimeError):
+        async with autocommit(engine) as conn:
+            raise RuntimeError("the block failed")
+    assert closes == [1] and engine.sync_engine.pool.checkedout() == 0
+    async with autocommit(engine) as conn:
+        await conn.invalidate()
+    assert closes == [1, 1] and engine.sync_engine.pool.checkedout() == 0
+    async with autocommit(engine) as conn:  # the pool replaced the invalidated one
+        assert (await pgraw.first(conn, select(literal(8)), {}))[0] == 8
