@@ -250,11 +250,13 @@ async def test_irembopay_webhook_we_could_not_store_is_accepted_when_resent(srt:
     good = {"Content-Type": "application/json",
             "irembopay-signature": signature_header(IREMBO_KEY, now_ms(), body)}
     dead = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    # Both ways a callback reaches the database: its Core transaction (the engine, on PostgreSQL) and a session.
     working, srt.sessionmaker = srt.sessionmaker, async_sessionmaker(dead, expire_on_commit=False)
+    engine, srt.engine = srt.engine, dead
     try:
         down = await sclient.post(url("irembopay"), data=body, headers=good)
     finally:
-        srt.sessionmaker = working
+        srt.sessionmaker, srt.engine = working, engine
         await dead.dispose()
     assert down.status == 503 and "retry" in (await down.json())["message"]
     assert await status_of(srt, payment.id) == "PENDING"
