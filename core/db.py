@@ -292,7 +292,11 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     Given back on PostgreSQL as core.pgraw.transaction gives its connection back: straight to the pool, without the
     greenlet and the shielded task of AsyncConnection's close (about 30 us of CPU a checkout), when nothing is left to
     send (no transaction open, the connection not invalidated: the pool's reset is then attributes only). Otherwise,
-    and whenever the block raises, closed the shielded way, as before."""
+    and whenever the block raises, closed the shielded way, as before.
+
+    One whose block left a transaction open on the server that neither SQLAlchemy nor its adapter tracks (BEGIN sent
+    straight on asyncpg and never ended) is invalidated, raised or not: no reset would end that transaction, and the
+    next checkout's autocommit writes would join it and never be committed."""
     conn = await engine.connect()
     try:
         sync = conn.sync_connection
@@ -302,12 +306,31 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
     except BaseException:
-        await asyncio.shield(conn.close())
+        await asyncio.shield(_close(conn))
         raise
-    if engine.dialect.name == "postgresql" and sync is not None and not (sync.invalidated or sync.in_transaction()):
+    if engine.dialect.name == "postgresql" and sync is not None and not (sync.invalidated or sync.in_transaction()
+                                                                          or _untracked_transaction(sync)):
         sync.close()
     else:
-        await asyncio.shield(conn.close())
+        await asyncio.shield(_close(conn))
+
+
+def _untracked_transaction(sync: Any) -> bool:
+    """Whether asyncpg's connection under `sync` (a Connection neither closed nor invalidated) is inside a
+    transaction the adapter did not begin (attributes only, no I/O)."""
+    if sync.closed or sync.invalidated or sync.dialect.name != "postgresql":
+        return False
+    fairy = sync.connection
+    return bool(fairy.driver_connection.is_in_transaction()
+                and getattr(fairy.dbapi_connection, "_transaction", None) is None)
+
+
+async def _close(conn: AsyncConnection) -> None:
+    """AsyncConnection's close; invalidated first when its block left a transaction the pool's reset cannot end."""
+    sync = conn.sync_connection
+    if sync is not None and _untracked_transaction(sync):
+        await conn.invalidate()
+    await conn.close()
 
 
 def parse_aware(value: Any) -> datetime | None:

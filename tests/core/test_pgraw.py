@@ -431,3 +431,41 @@ async def test_an_autocommit_connection_goes_back_without_the_task_unless_someth
     assert closes == [1, 1] and engine.sync_engine.pool.checkedout() == 0
     async with autocommit(engine) as conn:  # the pool replaced the invalidated one
         assert (await pgraw.first(conn, select(literal(8)), {}))[0] == 8
+
+
+@pytest.mark.parametrize("how", ["returned", "raised"])
+async def test_an_autocommit_block_that_left_a_raw_transaction_open_does_not_hand_it_on(sm: Any, how: str) -> None:
+    """A block that sent BEGIN straight on asyncpg and never ended it (neither SQLAlchemy nor its adapter track it, so
+    the pool's reset sends no ROLLBACK): the connection is not handed on inside that transaction. Handed on, the next
+    checkout's autocommit writes (a USSD hop's, an API payment's) joined it and were never committed; a session's
+    transaction could not begin on it. Closed instead, its uncommitted writes gone, as an unended transaction's are."""
+    from core.db import autocommit
+
+    engine = sm.kw["bind"]
+    with pytest.raises(RuntimeError) if how == "raised" else _nothing():
+        async with autocommit(engine) as conn:
+            raw = await pgraw.driver(conn)
+            await raw.execute("BEGIN")
+            await raw.execute("CREATE TABLE r7_left_open (x int)")
+            if how == "raised":
+                raise RuntimeError("the block failed")
+    assert engine.sync_engine.pool.checkedout() == 0
+    async with autocommit(engine) as conn:  # (the pool is LIFO: the same connection, were it handed on)
+        raw = await pgraw.driver(conn)
+        assert not raw.is_in_transaction()
+        await raw.execute("CREATE TABLE IF NOT EXISTS r7_after (x int)")
+    try:
+        async with sm() as s:
+            assert (await s.execute(text("select to_regclass('r7_left_open')"))).scalar() is None
+            assert (await s.execute(text("select to_regclass('r7_after')"))).scalar() is not None
+    finally:
+        async with autocommit(engine) as conn:
+            await (await pgraw.driver(conn)).execute("DROP TABLE IF EXISTS r7_after; DROP TABLE IF EXISTS r7_left_open")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
