@@ -46,6 +46,7 @@ from core.phone import Phone, PhoneError, normalize, operator_of
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import amount_refusal, refusal_for
 from core.references import next_reference, reference_prefix
+from core.state.machine import _attr_keys
 from core.state.payment import PaymentStatus
 from core.text import admin_note
 
@@ -185,8 +186,6 @@ Db = AsyncSession | AsyncConnection
 # The cooperative's payment under a key, every column in the table's order (a replay's read on a Core connection).
 _BY_KEY = select(*table_of(Payment).c).where(table_of(Payment).c.cooperative_id == bindparam("coop_id", type_=String),
                                              table_of(Payment).c.idempotency_key == bindparam("key", type_=String))
-_KEYS_IN_TABLE_ORDER = tuple({column.name: attribute.key for attribute in Payment.__mapper__.column_attrs
-                              for column in attribute.columns}[c.name] for c in table_of(Payment).c)
 
 
 async def find_by_key(session: Db, cooperative_id: str, key: str) -> Payment | None:
@@ -195,7 +194,7 @@ async def find_by_key(session: Db, cooperative_id: str, key: str) -> Payment | N
     around the read."""
     if isinstance(session, AsyncConnection):
         row = await pgraw.fetchrow(session, pgraw.compiled(_BY_KEY), {"coop_id": cooperative_id, "key": key})
-        return None if row is None else _loaded(dict(zip(_KEYS_IN_TABLE_ORDER, row, strict=True)))
+        return None if row is None else _loaded(dict(zip(_attr_keys(Payment), row, strict=True)))
     return (await session.execute(
         select(Payment).where(Payment.cooperative_id == cooperative_id, Payment.idempotency_key == key)
     )).scalar_one_or_none()

@@ -332,8 +332,7 @@ class RateLimiter:
         nothing is held between the count and the verdict, so a request whose process dies leaves both or neither.
         The verdict expires after `ttl` seconds: a request of the token after that is counted again."""
         now = time.time() if now is None else now
-        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-        mark = f"{self._prefix}:{subject_tag(subject)}:{limits[0].name}:once:{digest}"
+        mark = self._mark(limits, subject, token, "once")
         keys, args, counts = self._all_args(limits, subject, now)
         results = await self._redis.eval(_COUNT_ALL, len(keys) + 1, mark, *keys, ttl, repr(now), *args)
         kept = results[0]
@@ -370,11 +369,16 @@ class RateLimiter:
         command: taking it back again (a job run again, two runs at once) takes nothing more. Whether this one took
         it back. The mark, tagged as the subject's windows (one node), lasts as long as the longest window counts."""
         tag = subject_tag(subject)
-        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-        keys = [f"{self._prefix}:{tag}:{limits[0].name}:back:{digest}"]
+        keys = [self._mark(limits, subject, token, "back")]
         keys.extend(f"{self._prefix}:{tag}:{limit.name}:{_window_start(limit, now)}" for limit in limits)
         ttl = 2 * max(limit.window for limit in limits)
         return bool(await self._redis.eval(_UNCOUNT_ONCE, len(keys), *keys, ttl))
+
+    def _mark(self, limits: Sequence[Limit], subject: str, token: str, kind: str) -> str:
+        """The key that marks `token` done once among `limits` of `subject` (`kind`: "once", hit_all_once's verdict;
+        "back", uncount_once's), tagged as the subject's windows (one node), the token by its digest."""
+        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+        return f"{self._prefix}:{subject_tag(subject)}:{limits[0].name}:{kind}:{digest}"
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         """Whether one more would be allowed, counting nothing (MGET of the two windows: one tag, one node).

@@ -734,10 +734,10 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
         # answer check, give_back_discarded).
         await _queue_give_back(session, job)
         return None
-    error = parked_with or ""
-    may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
     if stored.status != SmsStatus.QUEUED.value:
         return None  # sent (or ended otherwise: a reply switched since gave its count back then)
+    error = parked_with or ""
+    may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
     try:
         await transition(session, SMS, stored.id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, values={
             "failure_reason": _fit("failure_reason", f"{DISCARDED_BY}{reason}"),
@@ -759,8 +759,7 @@ GIVE_BACK_JOB = "sms.give_back"
 async def _queue_give_back(session: AsyncSession, job: OutboxJob) -> None:
     """Queue the GIVE_BACK_JOB of a discarded 'sms.send' `job`, if it is a keyword's reply that was counted
     (COUNTED_AT in its context): once per job (its dedupe key)."""
-    payload = job.payload or {}
-    if not isinstance((payload.get("context") or {}).get(COUNTED_AT), int | float) or not payload.get("phone_enc"):
+    if _counted(job.payload or {}) is None:
         return
     await enqueue(session, GIVE_BACK_JOB, {"job_id": job.id}, dedupe_key=f"{GIVE_BACK_JOB}:{job.id}",
                   cooperative_id=job.cooperative_id)
@@ -878,11 +877,17 @@ async def _give_back(rt: Runtime, payload: dict[str, Any], *, best_effort: bool 
     once whatever the runs of its job and the ways it was not sent. One queued without it (an earlier release's, or by
     the retry of a text an earlier release's try counted) stays counted, and so does one whose number an erasure took
     off its job. `best_effort`: as give_back_reply's."""
-    counted_at = (payload.get("context") or {}).get(COUNTED_AT)
-    phone_enc = payload.get("phone_enc")
-    if isinstance(counted_at, int | float) and phone_enc:
-        await give_back_reply(rt, _texted(rt, phone_enc), message_key(payload), float(counted_at),
+    counted_at = _counted(payload)
+    if counted_at is not None:
+        await give_back_reply(rt, _texted(rt, payload["phone_enc"]), message_key(payload), counted_at,
                               str(payload.get("template")), best_effort=best_effort)
+
+
+def _counted(payload: dict[str, Any]) -> float | None:
+    """When a keyword reply's 'sms.send' payload was counted against the number's reply limits (COUNTED_AT in its
+    context), if it was and still names the number (an erasure takes it off): what a give-back needs."""
+    counted_at = (payload.get("context") or {}).get(COUNTED_AT)
+    return float(counted_at) if isinstance(counted_at, int | float) and payload.get("phone_enc") else None
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before
