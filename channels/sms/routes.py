@@ -460,14 +460,23 @@ async def inbound(request: web.Request) -> web.Response:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
         # an active one in an active cooperative, then a pending one; a suspended one (perhaps the number's
         # previous holder) only when there is nothing else.
-        ranked = (
-            await session.execute(
-                select(Member, _REPLY_RANK)
-                .join(Cooperative, Cooperative.id == Member.cooperative_id)
-                .where(Member.phone_index == index)
-                .order_by(_REPLY_RANK, Member.created_at)
-            )
-        ).all()
+        # Locked FOR KEY SHARE (in id order, as a swap, a release or an erasure locks memberships; ranked here): a
+        # release or an erasure of one under way is waited for, and PostgreSQL reads the row again, no longer the
+        # number's. Read without it, her membership was read as the number's before her erasure committed, and the
+        # reply queued meanwhile named her and carried her number (its job and its SMS row), after her erasure had
+        # cleared her texts' jobs. Holding it, the erasure waits for this text, and then clears its reply's job too.
+        ranked = sorted(
+            (
+                await session.execute(
+                    select(Member, _REPLY_RANK)
+                    .join(Cooperative, Cooperative.id == Member.cooperative_id)
+                    .where(Member.phone_index == index)
+                    .order_by(Member.id)
+                    .with_for_update(of=Member, key_share=True)
+                )
+            ).all(),
+            key=lambda row: (row[1], row[0].created_at),
+        )
         members = [member for member, _rank in ranked]
         # The membership the reply speaks for: on a shared code the one whose short code her text begins with, else
         # the first. A language is a membership's (Jean is English at one cooperative, French at another): the

@@ -700,3 +700,169 @@ async def test_a_payment_callback_writing_her_payment_twice_while_she_is_erased_
     else:  # its money is the other payment's: counted there, flagged here
         assert (payment.status, payment.collected_minor, payment.mismatch) == (status, 0, True)
         assert f"held by payment {other.reference} too" in payment.mismatch_detail
+
+
+@requires_pg
+@pytest.mark.parametrize("first", ["callback", "erasure"])
+@pytest.mark.parametrize("status", ["PENDING", "PROCESSING", "TIMEOUT", "FAILED", "COMPLETED"])
+async def test_a_callback_adopting_the_id_her_payment_lacks_while_she_is_erased_never_deadlocks(
+        rt: Any, admin: Caller, demo: Any, monkeypatch: Any, status: str, first: str) -> None:
+    """An unsigned callback found by our reference for a payment of hers whose request's answer was lost (it holds no
+    provider id), in each status such a callback adopts the id on (core.provider_events.handle_provider_event:
+    still open, timed out, failed, or completed by a status query naming no id), as the desk erases her, whichever
+    comes first: the callback writes the id, then its outcome (the move, the flag or the final id: her payment
+    written twice), so it takes her row first (FOR KEY SHARE) and the two take turns. Her payment still open when
+    the erasure gets it is a 409 (erase once it settles); else both are done."""
+    from core.ports import EventKind, ProviderOutcome, StatusResult
+    from core.ports import ProviderEvent as ProviderEventData
+    from core.provider_events import handle_provider_event
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"], status=status)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("UPDATE payments SET provider_transaction_id = NULL WHERE id = :id"), {"id": paid.id})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def confirmed(*_args: Any) -> StatusResult:
+        return StatusResult(ProviderOutcome.SUCCEEDED, provider_transaction_id="RCPT-9")
+
+    monkeypatch.setattr(rt.providers["mtn_momo"], "collection_status", confirmed)
+    event = ProviderEventData(provider="mtn_momo", kind=EventKind.COLLECTION, event_id=f"adopt-{status}",
+                              reference="ws_CO_9", outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="RCPT-9",
+                              needs_confirmation=True,
+                              raw={"lookup": "provider_transaction_id", "provider_reference": paid.provider_reference})
+    steps = [handle_provider_event(rt, event), _erased(rt, jeanne["id"])]
+    results = await _lined_up(rt, _held(Payment, paid.id), *(steps if first == "callback" else steps[::-1]))
+    callback, erasure = results if first == "callback" else results[::-1]
+    still_open = first == "erasure" and status in ("PENDING", "PROCESSING")
+    assert not isinstance(callback, BaseException), results
+    assert callback == {"PENDING": "completed", "PROCESSING": "completed", "TIMEOUT": "late_completed",
+                        "FAILED": "flagged_success_after_failure", "COMPLETED": "already_completed"}[status]
+    if still_open:
+        assert isinstance(erasure, Conflict) and "still open" in str(erasure), results
+    else:
+        assert isinstance(erasure, Member), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        payment = await s.get(Payment, paid.id)
+    assert payment.provider_transaction_id == "RCPT-9"
+    if still_open:
+        assert (member.name, payment.payment_account_masked) == (NAME, PHONE[:6] + "***")
+    else:
+        assert (member.name, member.phone_enc, payment.payment_account_enc) == ("Erased member", None, "")
+        assert payment.payment_account_masked == "erased"
+
+
+async def _left_in_clear(rt: Any, member_id: str) -> list[str]:
+    """What still names her, or reaches her number, after her erasure: her row, and every row of the tables her
+    erasure scrubs that holds her member id or her number's blind index with a number or text still in it."""
+    from core.models import SmsMessage, UssdSession
+
+    index = rt.cipher.blind_index(PHONE)
+    left: list[str] = []
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, member_id)
+        if (member.name, member.phone_enc, member.phone_index) != ("Erased member", None, None):
+            left.append(f"member {member.name}")
+        for sms in (await s.execute(select(SmsMessage).where(
+                (SmsMessage.member_id == member_id) | (SmsMessage.phone_index == index)))).scalars():
+            if sms.phone_enc or sms.body:
+                left.append(f"sms {sms.template} {sms.status} {sms.phone_masked}")
+        for row in (await s.execute(select(UssdSession).where(
+                (UssdSession.member_id == member_id) | (UssdSession.phone_index == index)))).scalars():
+            if row.phone_index or row.phone_masked != "erased":
+                left.append(f"ussd session {row.session_id} {row.phone_masked}")
+        for job in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars():
+            if (job.payload or {}).get("member_id") == member_id and (job.payload or {}).get("phone_enc"):
+                left.append(f"sms job {job.payload.get('template')} {job.status}")
+    return left
+
+
+@requires_pg
+@pytest.mark.parametrize("first", ["import", "erasure"])
+async def test_an_update_import_naming_her_while_she_is_erased_never_deadlocks_nor_writes_her_back(
+        rt: Any, admin: Caller, demo: Any, first: str) -> None:
+    """The cooperative's list sent again (existing=update) naming her, a new name spelling, as the desk erases her:
+    the import locks the members its numbers find (core.member_import._members_of, FOR UPDATE), the erasure hers
+    first; whichever gets her row, the other waits. The import first: her new name is written, then erased. The
+    erasure first: the import's lock, granted after it, finds her number no longer hers (PostgreSQL reads the row
+    again), so it does not write her row: the number is a new member's, as in a list sent after the erasure."""
+    from core.cooperatives import get_cooperative
+    from core.member_import import import_members
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def imported() -> Any:
+        async with _patient(rt) as s:
+            return await import_members(s, rt.cipher, cooperative=await get_cooperative(s, demo["cooperative_id"]),
+                                        data=f"name,phone\nJeanne Mukeshimana-Uwase,{PHONE}\n".encode(),
+                                        actor=ADMIN, existing="update")
+
+    steps = [imported(), _erased(rt, jeanne["id"])]
+    results = await _lined_up(rt, _held(Member, jeanne["id"]), *(steps if first == "import" else steps[::-1]))
+    assert not any(isinstance(r, BaseException) for r in results), results
+    done = results[0] if first == "import" else results[1]
+    assert await _left_in_clear(rt, jeanne["id"]) == []
+    if first == "import":
+        assert (done.updated_ids, done.member_ids) == ([jeanne["id"]], [])
+    else:  # her number, free again, registered anew by the list
+        assert done.updated_ids == [] and len(done.member_ids) == 1 and done.member_ids[0] != jeanne["id"]
+
+
+@requires_pg
+@pytest.mark.parametrize("word", ["STOP", "HELP"])
+@pytest.mark.parametrize("first", ["text", "erasure"])
+async def test_a_text_from_her_number_while_she_is_erased_never_deadlocks_nor_leaves_her_number(
+        rt: Any, admin: Caller, client: Any, demo: Any, first: str, word: str) -> None:
+    """Her STOP (or any keyword) texted as the desk erases her: the text locks the memberships of the number (FOR KEY
+    SHARE: channels.sms.routes.inbound), the erasure hers (FOR UPDATE); whichever gets her row, the other waits, and
+    nothing of hers keeps her number. The text reading her membership unlocked, after the erasure had locked it,
+    queued its reply to her (her member id and her number in its job) once the erasure had cleared her texts' jobs,
+    and the reply's SMS row then named her with her number."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def texted() -> int:
+        response = await client.post("/sms/africastalking/inbound", data={
+            "date": "2026-01-15 10:00:00", "from": PHONE, "id": "at-text-1", "linkId": "L1", "text": word,
+            "to": "12345", "networkCode": "63510"})
+        return response.status
+
+    steps = [texted(), _erased(rt, jeanne["id"])]
+    results = await _lined_up(rt, _held(Member, jeanne["id"]), *(steps if first == "text" else steps[::-1]))
+    assert not any(isinstance(r, BaseException) for r in results), results
+    assert (results[0] if first == "text" else results[1]) == 200
+    assert await _left_in_clear(rt, jeanne["id"]) == []
+
+
+@requires_pg
+@pytest.mark.parametrize("first", ["dial", "erasure"])
+async def test_a_dial_from_her_number_while_she_is_erased_leaves_no_session_row_with_her_number(
+        rt: Any, admin: Caller, client: Any, demo: Any, first: str) -> None:
+    """Her number dialling the USSD code as the desk erases her: the session's row (ussd_sessions: her number's
+    blind index and mask) is written on the first hop, before the erasure's statements (scrubbed by it) or after it
+    committed (the number released: no member's any more). The erasure holds her payment's lock here while the dial
+    comes (first='erasure'), or the dial comes first."""
+    from tests.channels.ussd.helpers import AtPhone
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    phone = AtPhone(client, PHONE, service_code=f"*384*{demo['short_code']}#")
+    if first == "dial":
+        await phone.dial()
+        await _erased(rt, jeanne["id"])
+    else:
+        blocker = rt.sessionmaker()
+        try:
+            await blocker.begin()
+            await blocker.execute(_held(Payment, paid.id))
+            erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+            await waiting_for_locks(rt, 1)  # her row locked, her payment waited for
+            await phone.dial()
+            await blocker.commit()
+        finally:
+            await blocker.close()
+        await erasure
+    assert await _left_in_clear(rt, jeanne["id"]) == []
