@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import ConfigError, Settings, load_settings
+from core.config import USSD_AGGREGATORS, ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -663,12 +663,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="mtn_momo, airtel, mpesa, irembopay or africastalking")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port(1), required=True)
-    d = sub.add_parser("dial", help="terminal phone: drive USSD menus through the Africa's Talking endpoint")
+    d = sub.add_parser("dial", help="terminal phone: drive USSD menus through an aggregator's endpoint")
     d.add_argument("code", help="USSD code, e.g. '*384*123#'")
-    d.add_argument("phone", type=_phone, help="caller's phone number, e.g. +250788000001")
+    d.add_argument("phone", help="caller's phone number, e.g. +250788000001 (through hubtel or nalo 0244123456 is "
+                                 "Ghanaian)")
     d.add_argument("--url", default=None, help="base URL of a running gateway (default http://127.0.0.1:$PORT, "
                                                "as `run` serves it: 8080 when PORT is unset)")
-    d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one")
+    d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one "
+                                                  "(its CALLBACK_SECRET_<AGGREGATOR>)")
+    d.add_argument("--aggregator", default="africastalking", choices=USSD_AGGREGATORS,
+                   help="whose callbacks to send (default africastalking)")
+    # The caller's number is read once the aggregator is known (its country's local form): _dial_phone.
+    d.set_defaults(dial_parser=d)
     return parser
 
 
@@ -718,14 +724,17 @@ def _port(lowest: int) -> Callable[[str], int]:
     return parse
 
 
-def _phone(text: str) -> str:
-    """dial's caller: a number the gateway reads (its error, not a traceback, for one it does not)."""
+def _dial_phone(args: argparse.Namespace) -> str:
+    """dial's caller: a number the gateway reads, in the aggregator's country's local form too (0244123456 through
+    Hubtel or Nalo is Ghanaian); argparse's usage error, not a traceback, for one it does not."""
+    from channels.ussd.dial import REGIONS
     from core.phone import PhoneError, normalize
 
     try:
-        return normalize(text).e164
+        return normalize(args.phone, REGIONS[args.aggregator]).e164
     except PhoneError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        parser: argparse.ArgumentParser = args.dial_parser
+        parser.error(f"argument phone: {args.phone!r}: {exc}")
 
 
 def _metrics_port(given: int | None) -> int:
@@ -752,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         from channels.ussd.dial import dial
 
-        return asyncio.run(dial(args.code, args.phone, args.url or _local_url(), args.secret))
+        return asyncio.run(dial(args.code, _dial_phone(args), args.url or _local_url(), args.secret,
+                                aggregator=args.aggregator))
     if args.command == "simulate":
         from core import logs
 

@@ -277,6 +277,18 @@ def test_dial_refuses_a_caller_that_is_not_a_phone_number():
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+def test_dial_reads_a_local_number_in_the_aggregators_country():
+    # Through Hubtel or Nalo (Ghana's) 024 412 3456 is a Ghanaian number, sent as Nalo sends it; through Africa's
+    # Talking (the default) it is read as the default region's, which has no such number.
+    result = _main("dial", "*384*123*233#", "024 412 3456", "--aggregator", "nalo", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("[network error calling http://127.0.0.1:1/ussd/nalo: "), result.stdout
+    result = _main("dial", "*384*123*233#", "024 412 3456", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "main.py dial: error: argument phone: '024 412 3456': not a valid phone number of RW")
+
+
 def test_a_redis_url_query_the_client_refuses_is_a_configuration_error():
     # redis-py reads REDIS_URL's query only when it connects: `?db=abc` and a parameter it does not take (a typo,
     # or a TLS option on a redis:// URL) were a traceback from the first command (exit 1), not the README's line.

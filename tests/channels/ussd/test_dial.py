@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
+import httpx
+import pytest
+from sqlalchemy import update
+
 from channels.ussd.dial import dial
-from core.models import Payment
+from core.models import Member, Payment, UssdSession
 
 
 async def test_dial_pays_through_the_africastalking_endpoint(client: Any, demo: Any, db: Any) -> None:
@@ -43,4 +49,178 @@ async def test_dial_reports_a_refused_secret(rt: Any, aiohttp_client: Any, setti
                       read=lambda _prompt: None, write=printed.append)
     assert code == 1
     assert printed[-1] == ("[HTTP 403] forbidden (the gateway wants its callback secret: --secret with its "
-                           "CALLBACK_SECRET_AFRICASTALKING; or this address is outside its USSD_IP_ALLOWLIST)")
+                           "CALLBACK_SECRET_AFRICASTALKING; or this address is outside its "
+                           "USSD_IP_ALLOWLIST_AFRICASTALKING or, without one, its USSD_IP_ALLOWLIST)")
+
+
+# --- Through Hubtel and Nalo (`dial --aggregator`): each one's own callbacks, as a Ghanaian cooperative's members
+# dial it. A Kumasi susu group (tests.channels.ussd.test_ghana_susu_walk): Akosua, 024 412 3456 in its list.
+
+GH_CODE = "*384*123*233#"
+
+
+@pytest.fixture
+async def susu(client: Any, demo: dict[str, Any]) -> dict[str, Any]:
+    from tests.admin_api.conftest import bearer
+    from tests.channels.ussd.test_ghana_susu_walk import kejetia
+
+    return await kejetia(await bearer(client, *demo["super_admin"]))
+
+
+@pytest.mark.parametrize(("aggregator", "phone"), [("africastalking", "+233244123456"), ("hubtel", "0244123456"),
+                                                   ("nalo", "0244123456")])
+async def test_dial_pays_the_susu_through_each_aggregator(client: Any, db: Any, susu: dict[str, Any],
+                                                          aggregator: str, phone: str) -> None:
+    keys = iter(["1", "1", "1"])
+    printed: list[str] = []
+    code = await dial(GH_CODE, phone, str(client.server.make_url("")), aggregator=aggregator,
+                      read=lambda _prompt: next(keys, None), write=printed.append)
+    assert code == 0, printed
+    home, types, confirm, done = [line for line in printed if not line.startswith("-")]
+    assert home == ("Welcome to Kejetia Market Women Susu\n1. Pay\n2. My payments\n3. Problem with a payment\n"
+                    "4. Language\n5. Help")
+    assert types.startswith("Choose what to pay:\n1. Monthly susu GHS 50.00 (due day 28)\n")
+    assert confirm.startswith(("Pay Monthly susu\nAmount: GHS 50.00\nFee: GHS 0.00\nVia MTN MoMo\nRef: PAY_",
+                               "Monthly susu: GHS 50.00\nRef PAY_"))  # (Nalo's, within its 120 characters)
+    assert done.startswith("Approve the prompt on your phone to pay GHS 50.00. Ref PAY_")
+    akosua = await db.one(Member, Member.name == "Akosua Mensah")
+    payment = await db.one(Payment)
+    session = await db.one(UssdSession)
+    assert (payment.amount_minor, payment.currency, payment.payment_type_id, payment.member_id, payment.method,
+            payment.channel) == (5000, "GHS", susu["susu"]["id"], akosua.id, "MOBILE_MONEY_MTN", "ussd")
+    # The payment is the session's, of the aggregator dialled through.
+    assert payment.idempotency_key == f"ussd:{aggregator}:{session.session_id}"
+    assert (session.aggregator, session.member_id, session.status) == (aggregator, akosua.id, "Success")
+
+
+async def test_a_hubtel_dial_hung_up_sends_release(client: Any, db: Any, susu: dict[str, Any]) -> None:
+    # Hubtel tells the application when the phone ends the session (Type Release): the row is closed at once,
+    # Incomplete, and the next dial offers to continue.
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", str(client.server.make_url("")), aggregator="hubtel",
+                      read=lambda _prompt: None, write=printed.append)
+    assert code == 1 and printed[-1] == "[cancelled]"
+    row = await db.one(UssdSession)
+    assert (row.aggregator, row.status, row.hops) == ("hubtel", "Incomplete", 1)
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+async def test_dial_ends_on_the_screen_refusing_a_suspended_member(rt: Any, client: Any, db: Any,
+                                                                   susu: dict[str, Any], aggregator: str) -> None:
+    async with rt.sessionmaker() as s, s.begin():
+        await s.execute(update(Member).where(Member.name == "Akosua Mensah").values(status="SUSPENDED"))
+    keys = iter(["1"])  # Pay
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", str(client.server.make_url("")), aggregator=aggregator,
+                      read=lambda _prompt: next(keys), write=printed.append)
+    assert code == 0, printed
+    *_, screen = [line for line in printed if not line.startswith("-")]
+    assert screen == ("Your membership of Kejetia Market Women Susu is not active. Please contact the cooperative "
+                      "office.")
+    assert await db.count(Payment) == 0
+    assert (await db.one(UssdSession)).status == "Success"  # ended by the gateway's END
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+async def test_dial_reports_a_refused_secret_of_each_aggregator(rt: Any, aiohttp_client: Any, settings_factory: Any,
+                                                                aggregator: str) -> None:
+    from app import create_app
+
+    name = aggregator.upper()
+    settings = settings_factory(**{f"CALLBACK_SECRET_{name}": "k"})
+    secured = await aiohttp_client(create_app(settings, runtime=rt))
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", str(secured.server.make_url("")), secret="wrong", aggregator=aggregator,
+                      read=lambda _prompt: None, write=printed.append)
+    assert code == 1
+    assert printed == [f"[HTTP 403] forbidden (--secret is not the gateway's CALLBACK_SECRET_{name}, nor in its "
+                       f"CALLBACK_SECRET_{name}_PREVIOUS; or this address is outside its USSD_IP_ALLOWLIST_{name} "
+                       "or, without one, its USSD_IP_ALLOWLIST)"]
+    printed.clear()
+    code = await dial(GH_CODE, "0244123456", str(secured.server.make_url("")), secret="k", aggregator=aggregator,
+                      read=lambda _prompt: None, write=printed.append)
+    assert code == 1 and printed[1].startswith("Welcome to ")  # the right one opens the menu
+
+
+@pytest.mark.parametrize("aggregator", ["africastalking", "hubtel", "nalo"])
+async def test_dial_says_when_the_service_is_down(aggregator: str) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456" if aggregator != "africastalking" else "+233244123456",
+                      f"http://127.0.0.1:{port}", aggregator=aggregator, read=lambda _prompt: None,
+                      write=printed.append)
+    assert code == 1
+    [line] = printed
+    assert line.startswith(f"[network error calling http://127.0.0.1:{port}/ussd/{aggregator}: ConnectError"), line
+
+
+# --- The exact requests, against a scripted endpoint that fails on any request it does not expect.
+
+class Scripted:
+    """An endpoint answering `replies` in turn, keeping each request's JSON body and query; one past them fails."""
+
+    def __init__(self, path: str, replies: list[dict[str, Any]]) -> None:
+        self.path, self.replies, self.sent, self.queries = path, list(replies), [], []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert (request.method, request.url.host, request.url.path) == ("POST", "127.0.0.1", self.path), request
+        assert request.headers["content-type"] == "application/json"
+        assert self.replies, f"unexpected request: {request.content!r}"
+        self.sent.append(json.loads(request.content))
+        self.queries.append(dict(request.url.params))
+        return httpx.Response(200, json=self.replies.pop(0))
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+
+async def test_hubtel_requests_are_hubtels() -> None:
+    endpoint = Scripted("/ussd/hubtel", [
+        {"Type": "Response", "Message": "Welcome\n1. Pay", "Label": "CoopPay", "ClientState": "",
+         "DataType": "input", "FieldType": "text"},
+        {"Type": "Response", "Message": "Choose", "ClientState": "st-2"},
+        {"Type": "Release", "Message": "Done", "ClientState": "st-3", "DataType": "display"}])
+    keys = iter([" 1 ", "2"])
+    printed: list[str] = []
+    code = await dial("*713*45#", "024 412 3456", "http://127.0.0.1:9", secret="s3", aggregator="hubtel",
+                      read=lambda _prompt: next(keys), write=printed.append, transport=endpoint.transport())
+    assert code == 0
+    assert [line for line in printed if not line.startswith("-")] == ["Welcome\n1. Pay", "Choose", "Done"]
+    session_id = endpoint.sent[0]["SessionId"]
+    common = {"Mobile": "233244123456", "SessionId": session_id, "ServiceCode": "713", "Operator": "mtn"}
+    # Message: the dialled string, then each input alone; the ClientState of the reply before goes back.
+    assert endpoint.sent == [
+        {**common, "Type": "Initiation", "Message": "*713*45#", "Sequence": 1, "ClientState": ""},
+        {**common, "Type": "Response", "Message": "1", "Sequence": 2, "ClientState": ""},
+        {**common, "Type": "Response", "Message": "2", "Sequence": 3, "ClientState": "st-2"}]
+    assert len(session_id) == 32 and endpoint.queries == [{"secret": "s3"}] * 3
+
+
+async def test_nalo_requests_are_nalos() -> None:
+    endpoint = Scripted("/ussd/nalo", [
+        {"USERID": "dial", "MSISDN": "233204123456", "MSG": "Welcome\n1. Pay", "MSGTYPE": True},
+        {"USERID": "dial", "MSISDN": "233204123456", "MSG": "Done", "MSGTYPE": False}])
+    printed: list[str] = []
+    code = await dial("*920*44#", "020 412 3456", "http://127.0.0.1:9", aggregator="nalo",
+                      read=lambda _prompt: "1", write=printed.append, transport=endpoint.transport())
+    assert code == 0
+    assert [line for line in printed if not line.startswith("-")] == ["Welcome\n1. Pay", "Done"]
+    session_id = endpoint.sent[0]["SESSIONID"]
+    common = {"USERID": "dial", "MSISDN": "233204123456", "NETWORK": "VODAFONE", "SESSIONID": session_id}
+    assert endpoint.sent == [{**common, "USERDATA": "*920*44#", "MSGTYPE": True},
+                             {**common, "USERDATA": "1", "MSGTYPE": False}]
+    assert endpoint.queries == [{}, {}]  # no secret given, none sent
+
+
+@pytest.mark.parametrize(("aggregator", "reply"), [
+    ("hubtel", {"Type": "Other", "Message": "x"}), ("hubtel", {"Type": "Response"}),
+    ("nalo", {"MSG": "x", "MSGTYPE": "true"}), ("nalo", {"MSGTYPE": True})])
+async def test_a_reply_that_is_not_the_aggregators_ends_the_dial(aggregator: str, reply: dict[str, Any]) -> None:
+    endpoint = Scripted(f"/ussd/{aggregator}", [reply])
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
+                      read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
+                      transport=endpoint.transport())
+    assert code == 1 and printed == [f"[HTTP 200] {json.dumps(reply, separators=(',', ':'))}"]
