@@ -121,7 +121,7 @@ def _ghana_network(e164: str) -> str:
 def _json(resp: httpx.Response) -> dict[str, Any]:
     try:
         body = json.loads(resp.content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the interpreter's depth, no ValueError
         return {}
     return body if isinstance(body, dict) else {}
 

@@ -224,3 +224,49 @@ async def test_a_reply_that_is_not_the_aggregators_ends_the_dial(aggregator: str
                       read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
                       transport=endpoint.transport())
     assert code == 1 and printed == [f"[HTTP 200] {json.dumps(reply, separators=(',', ':'))}"]
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+async def test_a_reply_too_deeply_nested_to_read_ends_the_dial_in_one_line(aggregator: str) -> None:
+    # json.loads raises RecursionError (no ValueError) on a body nested past the interpreter's depth: a traceback.
+    body = b"[" * 100_000 + b"]" * 100_000
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
+                      read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
+                      transport=httpx.MockTransport(lambda _request: httpx.Response(200, content=body)))
+    assert code == 1 and printed == [f"[HTTP 200] {body[:200].decode()}"]
+
+
+@pytest.mark.parametrize(("aggregator", "reply"), [
+    ("hubtel", {"Type": "Release", "Message": "Done", "ClientState": ""}),
+    ("nalo", {"USERID": "dial", "MSISDN": "233244123456", "MSG": "Done", "MSGTYPE": False})])
+async def test_a_reply_in_the_aggregators_form_but_not_200_is_no_screen(aggregator: str,
+                                                                      reply: dict[str, Any]) -> None:
+    # A proxy's or a failing gateway's 5xx is no END, whatever its body looks like: not shown, not exit 0.
+    printed: list[str] = []
+    code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
+                      read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
+                      transport=httpx.MockTransport(lambda _request: httpx.Response(503, json=reply)))
+    assert code == 1 and printed == [f"[HTTP 503] {json.dumps(reply, separators=(',', ':'))}"]
+
+
+@pytest.mark.parametrize(("aggregator", "key"), [("africastalking", "sessionId"), ("hubtel", "SessionId"),
+                                                 ("nalo", "SESSIONID")])
+async def test_each_dial_is_a_session_of_its_own(aggregator: str, key: str) -> None:
+    # Two dials sharing a session id would be one session to the gateway: the second would continue the first's menu.
+    sent: list[dict[str, Any]] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        if aggregator == "africastalking":
+            from urllib.parse import parse_qsl
+
+            sent.append(dict(parse_qsl(request.content.decode())))
+            return httpx.Response(200, text="END Bye")
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"Type": "Release", "Message": "Bye", "MSG": "Bye", "MSGTYPE": False})
+
+    for _ in range(2):
+        assert await dial(GH_CODE, "+233244123456", "http://127.0.0.1:9", aggregator=aggregator,
+                          read=lambda _prompt: None, write=lambda _line: None,
+                          transport=httpx.MockTransport(endpoint)) == 0
+    assert len(sent) == 2 and sent[0][key] != sent[1][key] and all(s[key] for s in sent)
