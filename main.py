@@ -761,8 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         from channels.ussd.dial import dial
 
-        return asyncio.run(dial(args.code, _dial_phone(args), args.url or _local_url(), args.secret,
-                                aggregator=args.aggregator))
+        phone = _dial_phone(args)
+        try:
+            return asyncio.run(dial(args.code, phone, args.url or _local_url(), args.secret,
+                                    aggregator=args.aggregator))
+        except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]" (README: exit 1, hung up)
+            return 1
     if args.command == "simulate":
         from core import logs
 

@@ -540,3 +540,48 @@ def test_a_webhook_private_network_of_all_addresses_is_a_configuration_error():
     assert _one_line(result) == ("configuration error: WEBHOOK_PRIVATE_NETWORKS: '0.0.0.0/0' takes in public "
                                  "addresses, which need no listing: list only the private networks the receivers "
                                  "are on (e.g. 192.168.10.0/24)")
+
+
+def test_dial_interrupted_at_the_prompt_hangs_up_at_once():
+    # Ctrl-C at dial's prompt (a terminal user's hang-up) waited for a line on stdin (asyncio.run waited for the
+    # thread blocked in input()), then was a traceback, exit 130, and Hubtel's session was never released.
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hops: list[dict[str, object]] = []
+
+    class Hubtel(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hops.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"Type": "Response", "Message": "Welcome\n1. Pay", "ClientState": "s1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hubtel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proc = subprocess.Popen([sys.executable, "main.py", "dial", "*713*45#", "0244123456", "--aggregator", "hubtel",
+                             "--url", f"http://127.0.0.1:{server.server_address[1]}"], cwd=ROOT, env=_base_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not hops and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # at the prompt
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # stdin still open (communicate would close it): no line, no EOF
+        out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
+        server.shutdown()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert out.rstrip().endswith("[cancelled]"), out
+    assert [(hop["Type"], hop["Sequence"], hop["ClientState"]) for hop in hops] == [
+        ("Initiation", 1, ""), ("Release", 2, "s1")]

@@ -4,8 +4,11 @@ Nalo), speaking that aggregator's own callbacks as the gateway reads them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -127,10 +130,21 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
 
 
 def _read_line(prompt: str) -> str | None:
-    try:
-        return input(prompt)
-    except EOFError:
-        return None
+    """A line from stdin, None at its end. Read from the descriptor a byte at a time, not through input(): this runs
+    in a daemon thread (_ask), and one left blocked in sys.stdin's buffered reader when Ctrl-C ends the process
+    held that reader's lock, which aborted the interpreter's shutdown ("Fatal Python error: _enter_buffered_busy",
+    SIGABRT). Without the readline module, which nothing here imports, input() had no more line editing than the
+    terminal's own."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = bytearray()
+    while True:
+        byte = os.read(0, 1)
+        if not byte:
+            return line.decode(errors="replace") if line else None
+        if byte == b"\n":
+            return line.decode(errors="replace")
+        line += byte
 
 
 async def dial(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
@@ -154,34 +168,73 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     params = {"secret": secret} if secret else None
     answer: str | None = None
     async with httpx.AsyncClient(timeout=20.0, transport=transport) as http:
-        while True:
-            try:
-                resp = await http.post(url, params=params, **handset.hop(answer))
-            except httpx.HTTPError as exc:
-                write(f"[network error calling {url}: {type(exc).__name__}: {exc}]")
-                return 1
-            screen = handset.screen(resp) if resp.status_code == 200 else None
-            if screen is None:
-                hint = _refused_hint(resp.status_code, secret, aggregator)
-                write(f"[HTTP {resp.status_code}] {resp.text[:200]}{hint}")
-                return 1
-            text, end = screen
-            write("-" * 30)
-            write(text)
-            write("-" * 30)
-            if end:
-                return 0
-            typed = await asyncio.to_thread(read, "> ")
-            if typed is None:  # stdin closed: the user hung up
-                closing = handset.hang_up()
-                if closing is not None:
-                    try:
-                        await http.post(url, params=params, **closing)
-                    except httpx.HTTPError:
-                        pass  # the session is left to the gateway's sweep, as a lost Release would be
-                write("[cancelled]")
-                return 1
-            answer = typed.strip()
+
+        async def hang_up() -> None:
+            closing = handset.hang_up()
+            if closing is not None:
+                try:
+                    await http.post(url, params=params, timeout=5.0, **closing)
+                except httpx.HTTPError:
+                    pass  # the session is left to the gateway's sweep, as a lost Release would be
+            write("[cancelled]")
+
+        try:
+            while True:
+                try:
+                    resp = await http.post(url, params=params, **handset.hop(answer))
+                except httpx.HTTPError as exc:
+                    write(f"[network error calling {url}: {type(exc).__name__}: {exc}]")
+                    return 1
+                screen = handset.screen(resp) if resp.status_code == 200 else None
+                if screen is None:
+                    hint = _refused_hint(resp.status_code, secret, aggregator)
+                    write(f"[HTTP {resp.status_code}] {resp.text[:200]}{hint}")
+                    return 1
+                text, end = screen
+                write("-" * 30)
+                write(text)
+                write("-" * 30)
+                if end:
+                    return 0
+                typed = await _ask(read, "> ")
+                if typed is None:  # stdin closed: the user hung up
+                    await hang_up()
+                    return 1
+                answer = typed.strip()
+        except asyncio.CancelledError:
+            # Ctrl-C (asyncio.run cancels this task on SIGINT): the user hung up, as when stdin closes; main()
+            # turns the KeyboardInterrupt that asyncio.run raises next into exit 1.
+            write("")
+            await hang_up()
+            raise
+
+
+def _ask(read: Callable[[str], str | None], prompt: str) -> asyncio.Future[str | None]:
+    """`read(prompt)` in a daemon thread. asyncio.to_thread's executor thread is waited for when asyncio.run ends:
+    Ctrl-C at the prompt waited there for a line (or EOF) on stdin before it was a traceback."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(result: str | None, error: BaseException | None) -> None:
+        if answer.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+
+    def run() -> None:
+        result: str | None = None
+        error: BaseException | None = None
+        try:
+            result = read(prompt)
+        except BaseException as exc:  # handed to the waiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for this answer
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="dial-read", daemon=True).start()
+    return answer
 
 
 def _refused_hint(status: int, secret: str | None, aggregator: str = africastalking.NAME) -> str:
@@ -219,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: dial SERVICE_CODE PHONE [BASE_URL] [SECRET] [{'|'.join(AGGREGATORS)}]", file=sys.stderr)
         return 2
     base = args[2] if len(args) > 2 else "http://127.0.0.1:8080"
-    return asyncio.run(dial(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None,
-                            aggregator=args[4] if len(args) > 4 else africastalking.NAME))
+    try:
+        return asyncio.run(dial(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None,
+                                aggregator=args[4] if len(args) > 4 else africastalking.NAME))
+    except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]"
+        return 1
 
 
 if __name__ == "__main__":
