@@ -57,6 +57,10 @@ _DECIMAL_AMOUNT = re.compile(r"([0-9]+)(?:[.,]([0-9]+))?", re.ASCII)
 _GROUPED_AMOUNT = re.compile(r"[1-9][0-9]{0,2}(?:,[0-9]{3})+(?:\.[0-9]+)?", re.ASCII)
 # The same with the Arabic thousands separator (U+066C), the cents after the Arabic decimal one (U+066B) or a ".".
 _ARABIC_GROUPED = re.compile(r"[1-9][0-9]{0,2}(?:\u066c[0-9]{3})+(?:[\u066b.][0-9]+)?")
+# The same grouped by spaces, as French (and Rwanda, whose franc is written so) writes thousands ("20 000"): a plain
+# space, a no-break one (U+00A0) or a narrow no-break one (U+202F, what a French keyboard or a copied amount puts
+# there). The decimals after a "," or a "." are then read as any amount's (in French only a "," is one).
+_SPACE_GROUPED = re.compile(r"[1-9][0-9]{0,2}(?:[ \u00a0\u202f][0-9]{3})+(?:[.,][0-9]+)?", re.ASCII)
 
 
 def actor(ctx: Ctx) -> Actor:
@@ -725,12 +729,28 @@ def _arabic_marks(text: str) -> str:
     return text.replace("\u066b", ".")
 
 
+def _space_ungrouped(text: str) -> str:
+    """`text` without the spaces that group its thousands ("20 000", "1 234,50"; _SPACE_GROUPED), in every language:
+    a space is no decimal mark anywhere, so "20 000" is twenty thousand whatever the session speaks. A space that
+    groups no three digits ("2 0000", "20 00") stays, and the amount is refused, as "20,00" is in RWF."""
+    if _SPACE_GROUPED.fullmatch(text):
+        return text.replace(" ", "").replace("\u00a0", "").replace("\u202f", "")
+    return text
+
+
+def _unpadded(whole: str) -> str:
+    """Whole units without the zeros before them ("0005000" is 5000): a member holding the 0 key means the amount
+    after them. Money.parse bounds an amount's text (64 characters), so three hundred zeros before 5000 were "Amount
+    too high"; dropped here, the amount left is checked as any other (a long one is still too high)."""
+    return whole.lstrip("0") or "0"
+
+
 async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     places = exponent(currency)
     # Read as the menus read keys ("٢٠٠٠٠" and "２００００" are 20000), with Arabic separators as the ASCII ones
     # (_arabic_marks): the confirmation then shows the amount as the screens write it, before anything is charged.
-    text = _ungrouped(_arabic_marks(keypad(text)), ctx.state.lang)
+    text = _ungrouped(_space_ungrouped(_arabic_marks(keypad(text))), ctx.state.lang)
     if places:
         # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
         # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter
@@ -741,10 +761,12 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
         comma_decimal = NUMBER_MARKS.get(ctx.state.lang, (",", "."))[1] == ","
         if match is None or len(match.group(2) or "") > places or ("," in text and not comma_decimal):
             raise await _not_an_amount(ctx, currency)
-        text = match.group(1) + ("." + match.group(2) if match.group(2) else "")
+        text = _unpadded(match.group(1)) + ("." + match.group(2) if match.group(2) else "")
     elif not is_number(text):
         # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
         raise await _not_an_amount(ctx, currency)
+    else:
+        text = _unpadded(text)
     cap = ussd_cap(currency)
     try:
         amount = Money.parse(text, currency)
