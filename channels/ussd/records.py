@@ -251,6 +251,12 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     the id whose first hop could neither write its row nor close it, the database away, goes uncounted: rarer than
     a late notice or a shed opening hop, which counted it twice.)
 
+    A close with the session's state that finds no row (its END, Hubtel's Release or Timeout) is told closed before
+    too: the session's opening hop saved its state but could not write the row, was answered "unavailable" and
+    counted it (types.OpeningUnwritten; it takes the state back, but may fail to; one cut off by its time budget
+    while writing the row is counted by its close, UssdService.ended_unanswered), and a Release after that END
+    counted it a second time (abandoned).
+
     `opening`: the close is a hop's of the session, no late notice (its opening hop's, or any hop's ended
     unanswered: UssdService.ended_unanswered): an older row is a previous session's of the id, and this session,
     which has no row, is counted by the caller.
@@ -290,11 +296,12 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
         async with autocommit(rt) as conn:
             before = await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is None
             if before:
-                # No row at all (its opening write failed) was not closed before either: the caller counts it; but
-                # for a close without the session's state that is not of its opening hop (see `stateless`).
+                # No row at all: counted before, but by a hop's close (`opening`), whose session has none. With the
+                # session's state, its opening hop could not write the row and counted the session (OpeningUnwritten);
+                # without it, see `stateless`.
                 before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless, knows_less),
                                            params) is not None
-                before = before or (stateless and not opening)
+                before = before or not opening
     except Exception:
         if before is None:
             raise  # whether the row was closed before is not known: the caller's to judge

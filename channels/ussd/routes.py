@@ -21,7 +21,15 @@ from aiohttp import web
 from channels.ussd import africastalking, hubtel, nalo, records
 from channels.ussd.screens import build_engine
 from channels.ussd.service import UssdService
-from channels.ussd.types import EXPECTED_OUTAGES, HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
+from channels.ussd.types import (
+    EXPECTED_OUTAGES,
+    HOP_PROGRESS,
+    HopProgress,
+    HopUnsettled,
+    OpeningUnwritten,
+    UssdReply,
+    UssdTurn,
+)
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
 from core.auth import callback_secret_ok
@@ -313,11 +321,17 @@ async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, st
         await channel.end_unanswered(rt, turn, "unsettled", CLOSE_WAIT_SECONDS)
         return channel.service.unsettled(rt, turn), "unsettled"
     except Exception as exc:
-        log.warning("ussd hop failed (%s); answering service unavailable", type(exc).__name__,
+        unwritten = isinstance(exc, OpeningUnwritten)
+        cause = exc.__cause__ if unwritten and isinstance(exc.__cause__, Exception) else exc
+        log.warning("ussd hop failed (%s); answering service unavailable", type(cause).__name__,
                     extra={"aggregator": aggregator, "session_id": turn.session_id,
-                           "phone": turn.phone.masked(), "error": type(exc).__name__},
-                    exc_info=not isinstance(exc, EXPECTED_OUTAGES))
-        await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS)
+                           "phone": turn.phone.masked(), "error": type(cause).__name__},
+                    exc_info=not isinstance(cause, EXPECTED_OUTAGES))
+        if unwritten:
+            # An opening hop whose session row was not written: no row to close, counted here (OpeningUnwritten).
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
+        else:
+            await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS)
         return channel.service.unavailable(rt, turn), "unavailable"
 
 

@@ -13,7 +13,15 @@ from typing import Any
 from channels.ussd import africastalking, cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
-from channels.ussd.types import EXPECTED_OUTAGES, UssdReply, UssdTurn, extends, extension_of, side_effect_began
+from channels.ussd.types import (
+    EXPECTED_OUTAGES,
+    OpeningUnwritten,
+    UssdReply,
+    UssdTurn,
+    extends,
+    extension_of,
+    side_effect_began,
+)
 from core import metrics
 from core.cooperatives import COUNTRY_LANGUAGE
 from core.phone import Phone
@@ -185,9 +193,10 @@ class UssdService:
                 state.data["rk"] = 1
             else:
                 state.data.pop("rk", None)
+        counted = funnel.advance(state)
         saving = sessions.save(rt.hot_redis, turn.aggregator, turn.session_id, stored,
                                resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
-                               funnel=funnel.advance(state))
+                               funnel=counted)
         winner: sessions.Stored | None = None
         try:
             if opening is None:
@@ -196,6 +205,14 @@ class UssdService:
                 # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
                 # two. Both finish before the hop answers (or fails); the first error is the hop's.
                 opened, saved = await asyncio.gather(opening(), saving, return_exceptions=True)
+                if isinstance(opened, Exception) and not isinstance(saved, sessions.Stored):
+                    # The row not written: the session is this hop's to count (OpeningUnwritten), and what it saved
+                    # goes (a later close finding its state but no row counted it again). Not when another copy of
+                    # the hop saved first (a Stored): that copy's session goes on, its row closed by this hop's
+                    # failure as any hop's (UssdService.ended_unanswered).
+                    if saved is None:
+                        await self._unsaved(rt, turn, stored, counted)
+                    raise OpeningUnwritten(f"session row not written: {type(opened).__name__}") from opened
                 for outcome in (opened, saved):
                     if isinstance(outcome, BaseException):
                         raise outcome
@@ -222,6 +239,17 @@ class UssdService:
         if reply.end:
             await self._ended(rt, turn, stored)
         return reply, state.screen
+
+    @staticmethod
+    async def _unsaved(rt: Any, turn: UssdTurn, stored: sessions.Stored, counted: list[str]) -> None:
+        """The session an opening hop saved, and its funnel counts, taken back: its row could not be written and the
+        hop is answered "unavailable", so nothing of the session stays (as after a shed opening hop). Best effort:
+        a later close that finds the state but no row counts nothing either (records.closed)."""
+        try:
+            await sessions.unsave(rt.hot_redis, turn.aggregator, turn.session_id, stored, funnel=counted)
+        except Exception as exc:
+            log.warning("ussd session of an opening hop without its row not removed",
+                        extra={"session_id": turn.session_id, "error": type(exc).__name__})
 
     async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int, facts: tuple[bool, str | None] | None = None
                          ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]] | None]:

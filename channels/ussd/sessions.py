@@ -38,6 +38,13 @@ _UNCOUNT_FIELDS = """
 for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], -1) end
 return #ARGV
 """
+# Compare-and-delete of a session. KEYS[1]: the session; ARGV[1]: SHA-1 of the value the hop saved. 1 when deleted,
+# 0 when another copy of the hop wrote it since (its session, left as it is).
+_DELETE_IF_UNCHANGED = """
+local current = redis.call('GET', KEYS[1])
+if current and redis.sha1hex(current) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # Compare-and-set of a session. KEYS[1]: the session; ARGV[1]: SHA-1 of the value the hop read ("" when
 # there was none), ARGV[2]: the new value, ARGV[3]: its TTL. 1 when written; else the value another copy of
 # the hop saved meanwhile, returned so the loser answers with it without another round trip. A session
@@ -218,6 +225,17 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
         # Rare (the copy that lost a race), so set right after: the winner's route, and the counts taken back.
         await _undo(redis, winner, resume, hour, funnel)
     return winner
+
+
+async def unsave(redis: Any, aggregator: str, session_id: str, stored: Stored, *, funnel: Sequence[str] = ()) -> None:
+    """Take back what save() wrote of `stored` (just saved: stored.seen is what it wrote) and the funnel counters it
+    added, in one round trip: the session is removed unless something wrote it since. (The counters are taken from
+    this hour's: an hour turning between the two leaves one in each.)"""
+    pipe = redis.pipeline(transaction=False)
+    pipe.eval(_DELETE_IF_UNCHANGED, 1, session_key(aggregator, session_id), stored.seen or "")
+    if funnel:
+        pipe.eval(_UNCOUNT_FIELDS, 1, funnel_key(utcnow()), *funnel)
+    await pipe.execute()
 
 
 def _saved(stored: Stored, value: bytes, outcome: Any) -> Stored | None:

@@ -77,6 +77,14 @@ class HopUnsettled(Exception):
     went through is not known here, so the user must not be told "try again"."""
 
 
+class OpeningUnwritten(Exception):
+    """A session's opening hop could not write the session's row (the database away; raised from that error). The
+    hop is answered "unavailable" and counts the session itself, closing nothing: there is no row for a close to
+    find or for the sweep to count, and its close, failing too on Hubtel or Nalo, took the row for one left OPEN that
+    the sweep would count. Its session state is not left in Redis (UssdService._answer): a Release or Timeout after
+    it counted the session a second time (abandoned)."""
+
+
 HOP_PROGRESS: contextvars.ContextVar[HopProgress | None] = contextvars.ContextVar("ussd_hop_progress",
                                                                                   default=None)
 

@@ -650,3 +650,120 @@ async def test_hubtels_close_that_read_the_session_before_its_end_leaves_the_end
     assert (await phone.post(kind, ""))["Type"] == "Release"
     row = await _row(db, phone.session_id)
     assert (row.status, row.last_screen, row.hops, row.ended_at) == ("Success", "pay_cancelled", 4, ended.ended_at)
+
+
+def _opening_row_fails(patched: Any, *, closes_fail: bool = False) -> None:
+    """The opening hop's write of its session row fails (the database away), as on SQLite, where it runs beside the
+    session's save (PostgreSQL writes it with the memberships' read, before the save: a failure there saves nothing);
+    `closes_fail`: the close of the hop's row too (the database still away)."""
+
+    async def apart(*_args: Any, **_kwargs: Any) -> None:
+        return None  # no row written with the memberships: records.opened() writes it beside the save
+
+    async def database_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("database went away")
+
+    patched.setattr(records, "opened_reading", apart)
+    patched.setattr(records, "opened", database_down)
+    if closes_fail:
+        patched.setattr(records, "closed", database_down)
+
+
+async def _open_unavailable(client: Any, aggregator: str, session_id: str) -> Any:
+    """The session's opening hop on `aggregator`, which must be answered END "service unavailable"; its phone."""
+    from tests.channels.ussd.test_hubtel_nalo_flows import nalo
+
+    unavailable = "Service unavailable, please try again later."
+    if aggregator == "hubtel":
+        phone: Any = HubtelPhone(client, HUBTEL_EN_MTN, session_id)
+        answer = await phone.post("Initiation", "*384*123#")
+        assert (answer["Type"], answer["Message"]) == ("Release", unavailable), answer
+        return phone
+    if aggregator == "nalo":
+        answer = await nalo(client, session_id, "*384*123#", True)
+        assert answer["MSGTYPE"] is False, answer
+        return None
+    phone = AtPhone(client, EN_MTN, session_id=session_id)
+    assert await phone.dial() == f"END {unavailable}"
+    return phone
+
+
+async def _after_the_end(client: Any, rt: Any, aggregator: str, phone: Any, kind: str) -> None:
+    """What follows our END: Hubtel's Release or Timeout, Africa's Talking's Success notice; Nalo reports nothing, and
+    the sweep finds nothing to close."""
+    if aggregator == "hubtel":
+        assert (await phone.post(kind, ""))["Type"] == "Release"
+    elif aggregator == AT:
+        await _notice(client, phone.session_id, "Success")
+    assert await records.close_abandoned(rt, now=records.utcnow() + records.ABANDONED_AFTER * 2) == 0
+
+
+async def _funnel_home(rt: Any) -> int:
+    from core.ops import FUNNEL_ALL, funnel_field, funnel_key
+
+    return int(await rt.redis.hget(funnel_key(records.utcnow()), funnel_field(FUNNEL_ALL, "home")) or 0)
+
+
+@pytest.mark.parametrize(("aggregator", "kind"), [("hubtel", "Release"), ("hubtel", "Timeout"), ("nalo", ""),
+                                                  (AT, "")])
+async def test_an_opening_hop_whose_row_write_fails_is_counted_once(aggregator: str, kind: str, client: Any,
+                                                                    demo: Any, db: Any, rt: Any,
+                                                                    monkeypatch: Any) -> None:
+    """The opening hop's row write fails once while its session is saved in Redis: answered "service unavailable",
+    counted so. Its state stayed, and Hubtel's Release (or Timeout) after that END found it, with no row, and counted
+    the session a second time (abandoned). The hop now takes its state back (and the funnel's count of its menu, which
+    the member never saw): the Release counts nothing, and the session is counted once, unavailable."""
+    from channels.ussd.routes import USSD
+
+    session_id = f"{aggregator}-unwritten-{kind}"
+    before, home = _counted(aggregator, "unavailable"), await _funnel_home(rt)
+    with monkeypatch.context() as patched:
+        _opening_row_fails(patched)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await client.app[USSD].settled()
+    left, home_after = await sessions.load(rt.hot_redis, aggregator, session_id), await _funnel_home(rt)
+    await _after_the_end(client, rt, aggregator, phone, kind)
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+    assert left is None and home_after == home
+    rows = await db.all(UssdSession, UssdSession.session_id == session_id)
+    # Africa's Talking's Success notice writes the row the hop could not; Hubtel and Nalo have none.
+    assert [row.status for row in rows] == (["Success"] if aggregator == AT else [])
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", AT])
+async def test_an_opening_hop_whose_row_and_close_fail_is_counted_once(aggregator: str, client: Any, demo: Any,
+                                                                       db: Any, rt: Any, monkeypatch: Any) -> None:
+    """The database away for the opening hop's row and for its close: on Hubtel and Nalo a close that fails leaves
+    the session to the sweep (its row OPEN), but this one has no row: Nalo's session went uncounted, Hubtel's was
+    counted abandoned by its Release. The hop counts it, unavailable, once."""
+    from channels.ussd.routes import USSD
+
+    session_id = f"{aggregator}-database-away"
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        _opening_row_fails(patched, closes_fail=True)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await client.app[USSD].settled()
+    await _after_the_end(client, rt, aggregator, phone, "Release")
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+
+
+async def test_a_session_whose_state_outlived_its_unwritten_row_is_not_counted_again(
+        client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """The opening hop could not write its row nor take its state back (Redis gone right after the save): Hubtel's
+    Release finds the state and no row, and counts nothing (the hop counted the session, unavailable)."""
+    from channels.ussd.routes import USSD
+
+    async def redis_away(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("redis went away")
+
+    before = _counted("hubtel", "unavailable")
+    with monkeypatch.context() as patched:
+        _opening_row_fails(patched)
+        patched.setattr(sessions, "unsave", redis_away, raising=False)  # (raising: to run it without the fix)
+        phone = await _open_unavailable(client, "hubtel", "hubtel-state-kept")
+        await client.app[USSD].settled()
+    assert await sessions.load(rt.hot_redis, "hubtel", "hubtel-state-kept") is not None
+    assert (await phone.post("Release", ""))["Type"] == "Release"
+    assert _added(before, _counted("hubtel", "unavailable")) == {"unavailable": 1}
+    assert await db.count(UssdSession, UssdSession.session_id == "hubtel-state-kept") == 0
