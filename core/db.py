@@ -284,10 +284,13 @@ def _ping_on_checkout(engine: AsyncEngine) -> None:
 async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection without BEGIN/COMMIT: for one read, or one single-statement write (atomic alone).
 
-    On PostgreSQL the isolation level is set on the Connection itself, not through AsyncConnection's greenlet: for
-    asyncpg's adapter it is an attribute (its rollback first has nothing to send on a connection just checked out,
-    none being open), so there is no I/O to wait for; about 25 us of CPU less a checkout, which every USSD hop and
-    SMS send makes.
+    On PostgreSQL autocommit is the DBAPI connection's own `autocommit` attribute (SQLAlchemy's asyncpg adapter's),
+    set for the block and cleared before the connection goes back: no I/O, no greenlet (about 25 us of CPU less a
+    checkout than AsyncConnection.execution_options, which every USSD hop and SMS send makes). Not the
+    isolation_level execution option: the pool's reset of that set the adapter's isolation level to the dialect's
+    default_isolation_level ("READ COMMITTED", read once from the server) where a connection never in autocommit has
+    none, and every later transaction on it began with BEGIN ISOLATION LEVEL READ COMMITTED, overriding a role's or
+    database's default_transaction_isolation. Cleared, the adapter begins as it did before the block (plain BEGIN).
 
     Given back on PostgreSQL as core.pgraw.transaction gives its connection back: straight to the pool, without the
     greenlet and the shielded task of AsyncConnection's close (about 30 us of CPU a checkout), when nothing is left to
@@ -298,31 +301,39 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     straight on asyncpg and never ended) is invalidated, raised or not: no reset would end that transaction, and the
     next checkout's autocommit writes would join it and never be committed."""
     conn = await engine.connect()
+    sync = conn.sync_connection
+    postgresql = engine.dialect.name == "postgresql"
     try:
-        sync = conn.sync_connection
-        if engine.dialect.name == "postgresql" and sync is not None and not sync.in_transaction():
-            sync.execution_options(isolation_level="AUTOCOMMIT")
+        if postgresql and sync is not None:
+            sync.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
         else:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
     except BaseException:
         await asyncio.shield(_close(conn))
         raise
-    if engine.dialect.name == "postgresql" and sync is not None and not (sync.invalidated or sync.in_transaction()
-                                                                          or _untracked_transaction(sync)):
+    if postgresql and sync is not None and not (sync.invalidated or sync.in_transaction()
+                                                or _untracked_transaction(sync)):
+        _autocommit_off(sync)
         sync.close()
     else:
         await asyncio.shield(_close(conn))
 
 
+def _autocommit_off(sync: Any) -> None:
+    """The adapter out of autocommit, back to the isolation level it had before (none: plain BEGIN), on a PostgreSQL
+    Connection that still has its DBAPI connection (an invalidated one is discarded, its adapter with it)."""
+    if not sync.closed and not sync.invalidated:
+        sync.connection.dbapi_connection.autocommit = False
+
+
 def _untracked_transaction(sync: Any) -> bool:
-    """Whether asyncpg's connection under `sync` (a Connection neither closed nor invalidated) is inside a
-    transaction the adapter did not begin (attributes only, no I/O)."""
+    """Whether asyncpg's connection under `sync`, a PostgreSQL Connection in autocommit's block, is inside a transaction
+    (attributes only, no I/O): one neither SQLAlchemy's adapter nor the pool's reset would end, since the adapter
+    in autocommit begins none (a BEGIN sent straight on asyncpg)."""
     if sync.closed or sync.invalidated or sync.dialect.name != "postgresql":
         return False
-    fairy = sync.connection
-    return bool(fairy.driver_connection.is_in_transaction()
-                and getattr(fairy.dbapi_connection, "_transaction", None) is None)
+    return bool(sync.connection.driver_connection.is_in_transaction())
 
 
 async def _close(conn: AsyncConnection) -> None:
@@ -330,6 +341,8 @@ async def _close(conn: AsyncConnection) -> None:
     sync = conn.sync_connection
     if sync is not None and _untracked_transaction(sync):
         await conn.invalidate()
+    if sync is not None and sync.dialect.name == "postgresql":
+        _autocommit_off(sync)
     await conn.close()
 
 

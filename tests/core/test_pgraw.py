@@ -463,6 +463,44 @@ async def test_an_autocommit_block_that_left_a_raw_transaction_open_does_not_han
             await (await pgraw.driver(conn)).execute("DROP TABLE IF EXISTS r7_after; DROP TABLE IF EXISTS r7_left_open")
 
 
+@pytest.mark.parametrize("how", ["returned", "raised", "read through the orm"])
+async def test_a_connection_back_from_autocommit_begins_as_one_never_in_it(sm: Any, how: str) -> None:
+    """A connection core.db.autocommit gave back begins its next transaction with a plain BEGIN, as one never in
+    autocommit does, so the server's default_transaction_isolation (a role's, a database's: here the connection's own)
+    holds. The pool's reset of the isolation_level execution option had set SQLAlchemy's adapter to the dialect's
+    default, read once at the first connect, and every later transaction on the connection sent BEGIN ISOLATION LEVEL
+    READ COMMITTED. "raised" and "read through the orm" (SQLAlchemy's own transaction record on the connection) give
+    it back through AsyncConnection's close."""
+    from core.db import autocommit
+
+    engine = sm.kw["bind"]
+    begins: list[str] = []
+
+    async def isolation() -> str:
+        async with sm() as s:
+            assert await pgraw.driver(s) is raw  # (the pool is LIFO: the one connection, each time)
+            return str((await s.execute(text("show transaction_isolation"))).scalar_one())
+
+    async with sm() as s:
+        raw = await pgraw.driver(s)
+        await raw.execute("SET default_transaction_isolation = 'repeatable read'")
+    raw.add_query_logger(lambda record: begins.append(record.query) if record.query.startswith("BEGIN") else None)
+    assert await isolation() == "repeatable read"
+    with pytest.raises(RuntimeError) if how == "raised" else _nothing():
+        async with autocommit(engine) as conn:
+            assert await pgraw.driver(conn) is raw
+            if how == "read through the orm":
+                async with pgraw.orm(conn) as orm:
+                    assert (await orm.execute(select(literal(5)))).scalar_one() == 5
+            else:
+                assert (await pgraw.first(conn, select(literal(6)), {}))[0] == 6
+            if how == "raised":
+                raise RuntimeError("the block failed")
+    assert engine.sync_engine.pool.checkedout() == 0
+    assert await isolation() == "repeatable read"
+    assert begins == ["BEGIN;", "BEGIN;"]
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
