@@ -1112,6 +1112,42 @@ async def finish_unsent(conn: AsyncConnection, job: Job, reason: str) -> None:
         finished(job)
 
 
+async def finish_queueing(sessionmaker: async_sessionmaker[AsyncSession], job: Job, jobs: list[NewJob]) -> bool:
+    """End `job` DONE (finish_in) and queue `jobs` with its end, in one commit, only if it ended; True when it did.
+    For a handler whose last word is work for later that must happen if and only if the run is over (a reply not
+    sent gives its count back: channels.sms.jobs): queued before the end, a run lost in between was run again and
+    may decide otherwise; after it, a run lost in between never queued it. Only the lease holder ends its job, so a
+    run whose lease lapsed queues nothing (the run holding it decides). A job not claimed by a worker (no lease) has
+    `jobs` queued alone, and the worker ends it. Each job carries a dedupe key (one whose key exists is skipped). On
+    PostgreSQL one statement in autocommit; elsewhere a short transaction."""
+    if any(new.dedupe_key is None for new in jobs):
+        raise ValueError("the jobs queued with a job's end carry dedupe keys")
+    engine = sessionmaker.kw.get("bind")
+    if job.locked_by is not None and engine is not None and engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            raw = await pgraw.fetchrow(conn, pgraw.compiled(_ended_and_queued(len(jobs))),
+                                       {**finish_values(job), **job_params(jobs)})
+        done = raw is not None and bool(raw["finished"])
+    else:
+        async with sessionmaker.begin() as session:
+            done = await finish_in(session, job)
+            if done or job.locked_by is None:
+                await enqueue_many(session, jobs)
+    if done:
+        finished(job)
+    return done
+
+
+@functools.cache
+def _ended_and_queued(count: int) -> Any:
+    """WITH job_ended AS (_FINISH RETURNING id), queued AS (INSERT the `count` jobs FROM job_ended) SELECT whether
+    it ended: finish_queueing's statement, built once per count."""
+    ended = _FINISH.values({column: bindparam(column) for column in _done(utcnow())}).returning(
+        _TABLE.c.id).cte("job_ended")
+    statement = select(exists(select(ended.c.id)).label("finished")).add_cte(ended)
+    return statement.add_cte(queued_after(ended, count)) if count else statement
+
+
 def finished(job: Job) -> None:
     """The handler's transaction that ran finish_in committed: the worker need not finish the job."""
     job.finished.append(True)

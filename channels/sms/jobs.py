@@ -66,9 +66,11 @@ from core.outbox import (
     INTERRUPTED,
     Handler,
     Job,
+    NewJob,
     PermanentJobError,
     RetryLater,
-    enqueue,
+    enqueue_job,
+    finish_queueing,
     finish_unsent,
 )
 from core.ratelimit import Limit, RateLimiter
@@ -292,13 +294,18 @@ class SmsJobs:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
                          extra={"member_id": payload.get("member_id"), "reason": void,
                                 "template": payload.get("template")})
-                unsent = True
+                # A keyword's reply switched since gives its count back through a GIVE_BACK_JOB that commits
+                # with the reply's end: given back after it (Redis, best effort), a worker lost or Redis failing
+                # in between left it counted for good.
+                given_back = (_give_back_jobs(job.id, payload, payload.get("cooperative_id"))
+                              if void == SWITCHED_SINCE else [])
                 if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
-                    # SKIPPED: not sent, so the next morning's scan may queue its due date again)
-                    unsent = await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
-                                              provider_status=SKIPPED)
-                if void == SWITCHED_SINCE and unsent:
-                    await _give_back(rt, payload)
+                    # SKIPPED: not sent, so the next morning's scan may queue its due date again), the give-back
+                    # queued by the move itself (none when another run or a discard moved it first: theirs)
+                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
+                                     provider_status=SKIPPED, jobs=given_back)
+                elif given_back:  # never stored, so never sent: queued with the job's end
+                    await finish_queueing(rt.sessionmaker, job, given_back)
                 if void in SAID_ON_THE_JOB:
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
                     # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
@@ -629,11 +636,12 @@ class SmsJobs:
                 "i": message_id, "p": RETRIES_EXHAUSTED, "r": _fit("failure_reason", reason), "u": utcnow()})
 
     async def _move(self, message_id: str, target: SmsStatus, *, finish: Job | None = None,
-                    clear: tuple[str, ...] = (), **values: Any) -> bool:
+                    clear: tuple[str, ...] = (), jobs: list[NewJob] | None = None, **values: Any) -> bool:
         """Apply the outcome; False when the message had already moved on.
 
         `finish`: the outcome ends the job (nothing after it can fail the job), so the job is marked
-        DONE in the same transaction instead of by the worker's separate UPDATE afterwards.
+        DONE in the same transaction instead of by the worker's separate UPDATE afterwards. `jobs`: outbox jobs
+        queued with the move, only if it moved (transition_alone's).
         `values` left None are not written; the columns in `clear` are set to NULL.
         """
         values = {**{k: v for k, v in values.items() if v is not None}, **dict.fromkeys(clear)}
@@ -648,6 +656,7 @@ class SmsJobs:
                 actor=WORKER,
                 values={k: _fit(k, v) for k, v in values.items()},
                 finish=finish,
+                jobs=jobs or (),
             )
         except StaleTransition:
             log.info("SMS already moved on", extra={"sms_id": message_id, "target": target.value})
@@ -731,11 +740,11 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     if stored is None:
         # Whatever its last try's error (cut off too): a try sends only a message it stored first (a first send
         # clears the doubt: Job.call_started), so one with no row never went (a row a restore lost: the job's kept
-        # answer check, give_back_discarded).
+        # answer check, give_back_unsent).
         await _queue_give_back(session, job)
         return None
     if stored.status != SmsStatus.QUEUED.value:
-        return None  # sent (or ended otherwise: a reply switched since gave its count back then)
+        return None  # sent (or ended otherwise: a reply switched since queued its give-back then)
     error = parked_with or ""
     may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
     try:
@@ -749,38 +758,59 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     return str(stored.id)
 
 
-# The outbox job that gives a discarded keyword reply's count back (fail_for_discard), queued in the discard's
-# transaction: none when the discard rolls back, and the worker runs it after the commit, tried again until Redis
-# takes it. Its payload names the discarded 'sms.send' job only ({"job_id"}), whose payload says whose count and
-# which (read when it runs: an erasure in between takes her number off that job, and the count stays).
+# The outbox job that gives back the count of a keyword's reply not sent (a reply to STOP or START switched since,
+# ended by the worker: SmsJobs.send; any discarded by an admin: fail_for_discard), queued with the reply's end (the
+# FAILED move's statement, or the job's end when nothing was stored; the discard's transaction): none when that end
+# did not commit, and the worker runs it after, tried again until Redis takes it. Its payload names the reply's
+# 'sms.send' job only ({"job_id"}), whose payload says whose count and which (read when it runs: an erasure in between
+# takes her number off that job, and the count stays). One per 'sms.send' job, whichever way queued it (its dedupe
+# key), and the count given back once however often it runs (give_back_reply: its mark in Redis, which the route's
+# own give-back of the same reply shares).
 GIVE_BACK_JOB = "sms.give_back"
 
 
+def _give_back_jobs(job_id: int, payload: dict[str, Any], cooperative_id: str | None) -> list[NewJob]:
+    """The GIVE_BACK_JOB of 'sms.send' job `job_id` (`payload`, of `cooperative_id`: core.notify.sms_job gives both
+    the same), if it is a keyword's reply that was counted (COUNTED_AT in its context): [] otherwise."""
+    if _counted(payload) is None:
+        return []
+    return [NewJob(GIVE_BACK_JOB, {"job_id": job_id}, dedupe_key=f"{GIVE_BACK_JOB}:{job_id}",
+                   cooperative_id=cooperative_id)]
+
+
 async def _queue_give_back(session: AsyncSession, job: OutboxJob) -> None:
-    """Queue the GIVE_BACK_JOB of a discarded 'sms.send' `job`, if it is a keyword's reply that was counted
-    (COUNTED_AT in its context): once per job (its dedupe key)."""
-    if _counted(job.payload or {}) is None:
-        return
-    await enqueue(session, GIVE_BACK_JOB, {"job_id": job.id}, dedupe_key=f"{GIVE_BACK_JOB}:{job.id}",
-                  cooperative_id=job.cooperative_id)
+    """Queue the GIVE_BACK_JOB of a discarded 'sms.send' `job` in the discard's transaction (_give_back_jobs)."""
+    for new in _give_back_jobs(job.id, job.payload or {}, job.cooperative_id):
+        await enqueue_job(session, new)
 
 
-async def give_back_discarded(rt: Runtime, job: Job) -> None:
-    """Run a GIVE_BACK_JOB: the discarded reply's count given back (_give_back), once however often this runs
-    (give_back_reply: its mark in Redis). Not when Africa's Talking may have the message after all: its answer kept
-    for it (message_keys) means a send went out before PostgreSQL was restored to a point before its row (one never
-    stored is never sent otherwise). Redis away (redis_away): tried again later without using an attempt, as a
-    send waits for it; another Redis error uses one."""
+_GIVEN_BACK_ROW = select(SmsMessage.status, SmsMessage.provider_status).where(
+    SmsMessage.idempotency_key == bindparam("k"))
+
+
+async def give_back_unsent(rt: Runtime, job: Job) -> None:
+    """Run a GIVE_BACK_JOB: the reply's count given back (_give_back), once however often this runs
+    (give_back_reply: its mark in Redis). Only while its message says it was never handed to Africa's Talking: FAILED
+    Skipped (switched since, discarded), or none stored (a message is sent only once stored), as whatever queued the
+    job found it; a message that says otherwise (sent) keeps its count. Nor when Africa's Talking may have it after
+    all: its answer kept for it (message_keys) means a send went out before PostgreSQL was restored to a point before
+    its row. Redis away (redis_away): tried again later without using an attempt, as a send waits for it; another
+    Redis error uses one."""
     async with rt.sessionmaker() as session:
-        discarded = await session.get(OutboxJob, int(job.payload["job_id"]))
-    payload = (discarded.payload if discarded is not None else None) or {}
-    if not payload:
+        reply = await session.get(OutboxJob, int(job.payload["job_id"]))
+        payload = (reply.payload if reply is not None else None) or {}
+        if not payload:
+            return
+        stored = (await session.execute(_GIVEN_BACK_ROW, {"k": message_key(payload)})).first()
+    if stored is not None and tuple(stored) != (SmsStatus.FAILED.value, SKIPPED):
+        log.warning("a reply's count is not given back: its message was not skipped",
+                    extra={"job_id": job.id, "status": stored[0], "provider_status": stored[1]})
         return
     _, kept = message_keys(message_key(payload))
     try:
         if await rt.hot_redis.get(kept) is not None:
             return
-        await _give_back(rt, payload, best_effort=False)
+        await _give_back(rt, payload)
     except RedisError as exc:
         if not redis_away(exc):
             raise
@@ -871,16 +901,16 @@ def _texted(rt: Runtime, phone_enc: str) -> str:
     return rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
 
 
-async def _give_back(rt: Runtime, payload: dict[str, Any], *, best_effort: bool = True) -> None:
-    """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin:
-    give_back_discarded) gives back its count against the number's reply limits (channels.sms.routes.COUNTED_AT),
-    once whatever the runs of its job and the ways it was not sent. One queued without it (an earlier release's, or by
+async def _give_back(rt: Runtime, payload: dict[str, Any]) -> None:
+    """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin) gives back its
+    count against the number's reply limits (channels.sms.routes.COUNTED_AT), once whatever the runs of its
+    GIVE_BACK_JOB (give_back_unsent) and the ways it was not sent. One queued without it (an earlier release's, or by
     the retry of a text an earlier release's try counted) stays counted, and so does one whose number an erasure took
-    off its job. `best_effort`: as give_back_reply's."""
+    off its job. Redis failing raises (the job tries again)."""
     counted_at = _counted(payload)
     if counted_at is not None:
         await give_back_reply(rt, _texted(rt, payload["phone_enc"]), message_key(payload), counted_at,
-                              str(payload.get("template")), best_effort=best_effort)
+                              str(payload.get("template")), best_effort=False)
 
 
 def _counted(payload: dict[str, Any]) -> float | None:
@@ -1117,7 +1147,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         await webhooks.deliver(rt, job)
 
     async def give_back(job: Job) -> None:
-        await give_back_discarded(rt, job)
+        await give_back_unsent(rt, job)
 
     return {"sms.send": jobs.send, "webhook.event": webhook_event, "webhook.deliver": webhook_deliver,
             GIVE_BACK_JOB: give_back}

@@ -204,19 +204,24 @@ async def transition_alone(
     actor: Actor,
     values: Mapping[str, Any] | None = None,
     finish: Job | None = None,
+    jobs: Sequence[NewJob] = (),
 ) -> bool:
     """`transition` as a unit of work of its own, committed when this returns; True when the job ended.
 
     `finish`: the outbox job this move ends (the handler's last write, see outbox.finish_in): it is
-    marked DONE with the move, and `finished(job)` is recorded. On PostgreSQL the move, its audit row and
-    the job's end are one statement in autocommit (one round trip, no BEGIN or COMMIT); elsewhere a
-    short transaction. Raises StaleTransition, as transition does, with nothing written.
+    marked DONE with the move, and `finished(job)` is recorded. `jobs`: outbox jobs the move queues, each with a
+    dedupe key (ValueError otherwise), written only if the row moved (one whose key exists is skipped), as
+    transition's. On PostgreSQL the move, its audit row, the job's end and the jobs are one statement in autocommit
+    (one round trip, no BEGIN or COMMIT); elsewhere a short transaction. Raises StaleTransition, as transition does,
+    with nothing written.
     """
     machine.check(source, target)
+    if any(job.dedupe_key is None for job in jobs):
+        raise ValueError("the jobs a move queues on its own carry dedupe keys")
     engine = sessionmaker.kw.get("bind")
     if engine is None or engine.dialect.name != "postgresql":
         async with sessionmaker.begin() as session:
-            await transition(session, machine, entity_id, source, target, actor=actor, values=values)
+            await transition(session, machine, entity_id, source, target, actor=actor, values=values, jobs=jobs)
             done = finish is not None and await finish_in(session, finish)
     else:
         # A bare pooled connection (no ORM session around one statement); nothing else runs on it, so the
@@ -228,7 +233,8 @@ async def transition_alone(
             ends = finish is not None and finish.locked_by is not None
             if ends:
                 params.update(finish_values(finish))  # type: ignore[arg-type]
-            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends,
+            params.update(job_params(list(jobs)))
+            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends, len(jobs),
                                                           shown=machine.audit_columns))
             raw = await pgraw.fetchrow(conn, statement, params)
         if raw is None:

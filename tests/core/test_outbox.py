@@ -491,3 +491,50 @@ async def test_a_move_that_ends_its_job_commits_both_or_neither(sm, lease_held):
         assert (await session.get(SmsMessage, sms_id)).status == "SENT"
         assert len((await session.execute(select(AuditEvent.id).where(AuditEvent.entity_id == sms_id))).all()) == 1
         assert (await session.get(OutboxJob, job.id)).status == stored.status
+
+
+async def test_a_move_queues_its_jobs_only_if_it_moved_and_each_once(sm):
+    """transition_alone's `jobs`: written with the move (one statement on PostgreSQL), none when the row had moved on
+    already (StaleTransition), and one whose dedupe key exists skipped; a job without a key is refused."""
+    from core.audit import Actor
+    from core.state import StaleTransition, transition_alone
+    from core.state.sms import SMS, SmsStatus
+
+    sms_id = await _queued_sms(sm)
+    actor, later = Actor("system", "worker"), NewJob("test.later", {"n": 1}, dedupe_key="later:1")
+    with pytest.raises(ValueError, match="dedupe keys"):
+        await transition_alone(sm, SMS, sms_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
+                               jobs=[NewJob("test.later", {"n": 0})])
+    await transition_alone(sm, SMS, sms_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, jobs=[later])
+    with pytest.raises(StaleTransition):
+        await transition_alone(sm, SMS, sms_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
+                               jobs=[NewJob("test.later", {"n": 2}, dedupe_key="later:2")])
+    async with sm() as session:
+        rows = (await session.execute(select(OutboxJob.kind, OutboxJob.payload, OutboxJob.status))).all()
+    assert rows == [("test.later", {"n": 1}, "PENDING")]
+
+
+@pytest.mark.parametrize("lease", ["held", "lapsed", "none"])
+async def test_a_jobs_end_queues_its_jobs_with_it_or_not_at_all(sm, lease):
+    """finish_queueing: the job ends DONE and its jobs are queued in one commit (one statement on PostgreSQL); a run
+    whose lease lapsed (another worker has the job) ends nothing and queues nothing; a job no worker claimed has them
+    queued, and is left to the worker. Run again, nothing is queued twice (the dedupe key)."""
+    from core.outbox import Job, finish_queueing
+
+    await _add_jobs(sm, 1, kind="sms.send")
+    worker = OutboxWorker(sm, {}, lease_seconds=30)
+    [job] = await worker.claim()
+    if lease == "lapsed":
+        async with sm.begin() as session:
+            await session.execute(update(OutboxJob).values(locked_by="someone-else"))
+    if lease == "none":
+        job = Job(job.id, job.kind, job.payload, 1, job.max_attempts, job.created_at)
+    later = [NewJob("test.later", {"job_id": job.id}, dedupe_key=f"later:{job.id}")]
+    assert await finish_queueing(sm, job, later) is (lease == "held")
+    assert await finish_queueing(sm, job, later) is False
+    assert job.finished == ([True] if lease == "held" else [])
+    async with sm() as session:
+        rows = dict((await session.execute(select(OutboxJob.kind, OutboxJob.status))).all())
+    expected = {"held": {"sms.send": "DONE", "test.later": "PENDING"}, "lapsed": {"sms.send": "RUNNING"},
+                "none": {"sms.send": "RUNNING", "test.later": "PENDING"}}
+    assert rows == expected[lease]
