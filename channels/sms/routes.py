@@ -466,6 +466,9 @@ async def inbound(request: web.Request) -> web.Response:
         # number's. Read without it, her membership was read as the number's before her erasure committed, and the
         # reply queued meanwhile named her and carried her number (its job and its SMS row), after her erasure had
         # cleared her texts' jobs. Holding it, the erasure waits for this text, and then clears its reply's job too.
+        # KEY SHARE (read=True; key_share alone is FOR NO KEY UPDATE): two texts of the number read them at once. Taken
+        # FOR NO KEY UPDATE, a STOP that then locked a membership the number got meanwhile (its id before hers: she
+        # joined another cooperative) waited for another text of the number holding it and waiting for hers: a deadlock.
         ranked = sorted(
             (
                 await session.execute(
@@ -473,7 +476,7 @@ async def inbound(request: web.Request) -> web.Response:
                     .join(Cooperative, Cooperative.id == Member.cooperative_id)
                     .where(Member.phone_index == index)
                     .order_by(Member.id)
-                    .with_for_update(of=Member, key_share=True)
+                    .with_for_update(of=Member, read=True, key_share=True)
                 )
             ).all(),
             key=lambda row: (row[1], row[0].created_at),

@@ -866,3 +866,45 @@ async def test_a_dial_from_her_number_while_she_is_erased_leaves_no_session_row_
             await blocker.close()
         await erasure
     assert await _left_in_clear(rt, jeanne["id"]) == []
+
+
+@requires_pg
+async def test_a_help_from_her_number_as_her_erasure_ends_leaves_no_reply_with_her_number(
+        rt: Any, admin: Caller, client: Any, demo: Any) -> None:
+    """Her HELP texted once her erasure has cleared her texts' jobs but before it commits (here it waits for her USSD
+    session's row, its next statement): the text must wait for her membership, not read it as the number's and queue
+    a reply with her member id and her number that nothing clears any more."""
+    from core.models import UssdSession
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    async with rt.sessionmaker.begin() as s:
+        s.add(UssdSession(aggregator="africastalking", session_id="ATUid_1", cooperative_id=demo["cooperative_id"],
+                          member_id=jeanne["id"], phone_index=rt.cipher.blind_index(PHONE),
+                          phone_masked=PHONE[:6] + "***", service_code="*384*123#"))
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()
+        await blocker.execute(select(UssdSession.id).where(UssdSession.member_id == jeanne["id"]).with_for_update())
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+        await waiting_for_locks(rt, 1)  # past her texts' jobs, waiting for her session's row
+        texted = asyncio.create_task(client.post("/sms/africastalking/inbound", data={
+            "date": "2026-01-15 10:00:00", "from": PHONE, "id": "at-help-1", "linkId": "L1", "text": "HELP",
+            "to": "12345", "networkCode": "63510"}))
+        for _ in range(200):  # the text waits for her membership (or, unlocked, went through meanwhile)
+            if texted.done():
+                break
+            async with rt.engine.connect() as probe:
+                waiting = (await probe.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"))).scalar_one()
+            if waiting >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await blocker.commit()
+    finally:
+        await blocker.close()
+    results = await asyncio.gather(erasure, texted, return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in results), results
+    assert results[1].status == 200
+    assert await _left_in_clear(rt, jeanne["id"]) == []

@@ -361,3 +361,103 @@ async def test_a_stop_while_her_number_is_released_never_deadlocks(
     async with rt.sessionmaker() as s:
         member = await s.get(Member, member_id)
     assert (member.phone_enc, member.phone_index) == (None, None)
+
+
+@requires_pg
+async def test_a_stop_and_another_text_of_the_number_as_it_joins_another_cooperative_never_deadlock(
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: Any
+) -> None:
+    """Her STOP reads (and locks) the number's memberships, then locks them again for the flags it sets; a
+    membership the number got in between (she joined another cooperative: a registration, an import, a number
+    corrected to hers), its id before hers, is locked there too. Her HELP texted meanwhile reads the memberships as
+    they are now: the new one first, then hers. Neither must wait for the other's row while holding the one the other
+    waits for, or PostgreSQL rolls one of them back (a 500 to the aggregator)."""
+    from channels.sms import routes
+    from core.members import phone_context
+    from core.models import Cooperative
+    from core.phone import normalize
+
+    real = routes._named_membership
+    read, go = asyncio.Event(), asyncio.Event()
+
+    async def paused(session: Any, ranked: Any, prefix: Any) -> Any:
+        if not read.is_set():  # the STOP, its memberships read: held here until the test lets it go on
+            read.set()
+            await asyncio.wait_for(go.wait(), 30)
+        return await real(session, ranked, prefix)
+
+    monkeypatch.setattr(routes, "_named_membership", paused)
+    stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
+    try:
+        await asyncio.wait_for(read.wait(), 30)
+        async with rt.sessionmaker.begin() as s:
+            coop = Cooperative(name="Musanze Farmers", short_code="MSZF", country="RW", currency="RWF",
+                               timezone="Africa/Kigali", ussd_extension="77", status="ACTIVE")
+            s.add(coop)
+            await s.flush()
+            first_id = "00000000-0000-4000-8000-000000000000"
+            assert first_id < demo["members"][ALINE]
+            s.add(Member(id=first_id, cooperative_id=coop.id, name="Aline U.", language="en", status="ACTIVE",
+                         phone_enc=rt.cipher.encrypt(ALINE, context=phone_context(coop.id)),
+                         phone_index=rt.cipher.blind_index(ALINE), phone_masked=normalize(ALINE).masked()))
+        help_ = asyncio.create_task(_text(sms_client, "HELP", "at-2", "2026-01-15 10:00:01"))
+        for _ in range(200):  # the HELP waits for the STOP (or went through meanwhile)
+            if help_.done():
+                break
+            async with rt.engine.connect() as probe:
+                waiting = (await probe.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"))).scalar_one()
+            if waiting >= 1:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        go.set()
+    results = await asyncio.gather(stop, help_, return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        flags = (await s.execute(select(Member.reminders_opt_out).where(
+            Member.phone_index == rt.cipher.blind_index(ALINE)))).scalars().all()
+    assert flags == [True, True]  # her STOP is the number's: both memberships'
+
+
+@requires_pg
+async def test_two_stops_of_the_number_and_its_erasure_waiting_between_them_never_deadlock(
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: Any
+) -> None:
+    """Two texts of hers (a STOP and its START, or the aggregator's retry) have read her membership (FOR KEY SHARE)
+    when the desk's erasure comes to wait for it (FOR UPDATE); each then locks it again to set its flag: the second
+    waits for the first, never behind the erasure that waits for both (PostgreSQL's tuple lock: a deadlock)."""
+    from channels.sms import routes
+    from core.audit import Actor
+    from core.members import erase_member
+
+    member_id = demo["members"][ALINE]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("UPDATE members SET status = 'SUSPENDED' WHERE id = :id"), {"id": member_id})
+    real = routes._named_membership
+    read, go = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+
+    async def paused(session: Any, ranked: Any, prefix: Any) -> Any:
+        arrived = next((event for event in read if not event.is_set()), None)
+        if arrived is not None:  # each text, its memberships read: held here until the test lets them go on
+            arrived.set()
+            await asyncio.wait_for(go.wait(), 30)
+        return await real(session, ranked, prefix)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, member_id), actor=Actor("admin:test", "admin"))
+
+    monkeypatch.setattr(routes, "_named_membership", paused)
+    stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
+    start = asyncio.create_task(_text(sms_client, "START", "at-2", "2026-01-15 10:00:02"))
+    try:
+        await asyncio.wait_for(asyncio.gather(read[0].wait(), read[1].wait()), 30)
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 1)
+    finally:
+        go.set()
+    results = await asyncio.gather(stop, start, erasure, return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in results), results
