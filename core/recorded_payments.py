@@ -372,6 +372,17 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         else (None, None)
     provider = rt.provider_for(new.method)
     digest = _line_digest(line, amount, account, txn, note)
+    member_id = new.member_id
+    if account is not None and _found_by_account(new):
+        member_id = await paying_member(session, context, coop.id, rt.cipher.blind_index(account))
+    if member_id is not None:
+        # Her row first (FOR KEY SHARE, which the payment's insert takes for its member_id anyway), before the id's
+        # lock: the order a callback completing a payment of hers takes them in (her row when it takes any, her
+        # payment's, then the id's: core.provider_events), and her erasure (her row, then her payments). Taken at
+        # the insert, under the id's lock, a callback holding her payment and waiting for the id, and her erasure
+        # holding her row and waiting for that payment, made a deadlock of three, and PostgreSQL rolled one back.
+        await session.execute(select(Member.id).where(Member.id == member_id)
+                              .with_for_update(read=True, key_share=True))
     # Before the key is looked for: the same request sent twice at once finds the first one's payment.
     await _lock_transaction_id(session, provider.name, txn)
     existing = await find_by_key(session, coop.id, key)
@@ -397,10 +408,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     request = _known_request(line.gateway_reference, callback_reference)
     if request is not None:
         await _request_free(session, provider.name, request, coop.id)
-    member_id = new.member_id
     account_index = rt.cipher.blind_index(account)
-    if _found_by_account(new):
-        member_id = await paying_member(session, context, coop.id, account_index)
     await session.connection()  # then the stamp (see core.state.transition): the payment sync's horizon
     now = utcnow()
     values: dict[str, Any] = {

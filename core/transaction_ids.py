@@ -91,10 +91,11 @@ async def _held_elsewhere(session: AsyncSession | AsyncConnection, payment: Paym
     held to the commit, as a statement line's recording takes it): two completions of one id at once take turns,
     and the second's probe (its own snapshot, READ COMMITTED) sees the first's payment, so that one of them is
     flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
-    other order: a recording takes the id's lock, then only inserts its payment). `locked`: the id whose lock the
-    transaction took already (with the payment's row: _store_event_and_lock), not taken again; and probed then,
-    under that lock: found free, it is not probed again (held, the holder is read in full here). `session` may be a
-    Core connection in a transaction on PostgreSQL (core.pgraw.Transaction's): the statements are raw either way."""
+    other order: a recording of a new payment takes its member's row, KEY SHARE, as this transaction may, then the
+    id's lock, then only inserts its payment). `locked`: the id whose lock the transaction took already (with the
+    payment's row: _store_event_and_lock), not taken again; and probed then, under that lock: found free, it is not
+    probed again (held, the holder is read in full here). `session` may be a Core connection in a transaction on
+    PostgreSQL (core.pgraw.Transaction's): the statements are raw either way."""
     if locked is not None and locked.txn == txn and locked.holder_id is None:
         return None
     if pgraw.dialect_name(session) == "postgresql" and await pgraw.in_transaction(session):
