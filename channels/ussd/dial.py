@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+import unicodedata
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -188,11 +189,11 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                 screen = handset.screen(resp) if resp.status_code == 200 else None
                 if screen is None:
                     hint = _refused_hint(resp.status_code, secret, aggregator)
-                    write(f"[HTTP {resp.status_code}] {resp.text[:200]}{hint}")
+                    write(f"[HTTP {resp.status_code}] {_shown(resp.text[:200])}{hint}")
                     return 1
                 text, end = screen
                 write("-" * 30)
-                write(text)
+                write(_shown(text))
                 write("-" * 30)
                 if end:
                     return 0
@@ -207,6 +208,13 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
             write("")
             await hang_up()
             raise
+
+
+def _shown(text: str) -> str:
+    """`text` with its control characters but the newline shown as `\\xNN` escapes: what a gateway sends is
+    printed to a terminal, and an escape sequence in it would move the cursor, retitle the window or hide the
+    screen's lines."""
+    return "".join(c if c == "\n" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
 
 
 def _ask(read: Callable[[str], str | None], prompt: str) -> asyncio.Future[str | None]:

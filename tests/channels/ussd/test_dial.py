@@ -270,3 +270,29 @@ async def test_each_dial_is_a_session_of_its_own(aggregator: str, key: str) -> N
                           read=lambda _prompt: None, write=lambda _line: None,
                           transport=httpx.MockTransport(endpoint)) == 0
     assert len(sent) == 2 and sent[0][key] != sent[1][key] and all(s[key] for s in sent)
+
+
+@pytest.mark.parametrize(("aggregator", "status", "reply"), [
+    ("africastalking", 200, "END Paid\x1b]0;owned\x07\x1b[2J"),
+    ("hubtel", 200, {"Type": "Release", "Message": "Paid\x1b]0;owned\x07\x1b[2J", "ClientState": ""}),
+    ("nalo", 200, {"USERID": "dial", "MSISDN": "233244123456", "MSG": "Paid\x1b]0;owned\x07\x1b[2J",
+                   "MSGTYPE": False}),
+    ("africastalking", 500, "oops\x1b[2J")])
+async def test_a_gateways_control_characters_are_printed_as_escapes(aggregator: str, status: int,
+                                                                    reply: str | dict[str, Any]) -> None:
+    # What the gateway sends reaches the user's terminal: an escape sequence in it would clear the screen or retitle
+    # the window. It is shown as escapes; the screen's own line breaks stay.
+    def endpoint(_request: httpx.Request) -> httpx.Response:
+        if isinstance(reply, str):
+            return httpx.Response(status, text=reply)
+        return httpx.Response(status, json=reply)
+
+    printed: list[str] = []
+    code = await dial(GH_CODE, "+233244123456", "http://127.0.0.1:9", aggregator=aggregator,
+                      read=lambda _prompt: None, write=printed.append, transport=httpx.MockTransport(endpoint))
+    shown = [line for line in printed if not line.startswith("-")]
+    if status == 200:
+        assert code == 0 and shown == ["Paid\\x1b]0;owned\\x07\\x1b[2J"]
+    else:
+        assert code == 1 and shown == ["[HTTP 500] oops\\x1b[2J"]
+    assert not any("\x1b" in line or "\x07" in line for line in printed)
