@@ -19,6 +19,7 @@ from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, table_of, utcnow
 from core.errors import DUPLICATE_REFERENCE, INVALID_STATE, PROVIDER_REFUSED, Conflict, NotFound, ValidationError
+from core.members import ERASED_MASK
 from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs
@@ -372,7 +373,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         else (None, None)
     provider = rt.provider_for(new.method)
     digest = _line_digest(line, amount, account, txn, note)
-    member_id = new.member_id
+    member_id, erased = new.member_id, False
     if account is not None and _found_by_account(new):
         member_id = await paying_member(session, context, coop.id, rt.cipher.blind_index(account))
     if member_id is not None:
@@ -381,8 +382,11 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         # payment's, then the id's: core.provider_events), and her erasure (her row, then her payments). Taken at
         # the insert, under the id's lock, a callback holding her payment and waiting for the id, and her erasure
         # holding her row and waiting for that payment, made a deadlock of three, and PostgreSQL rolled one back.
-        await session.execute(select(Member.id).where(Member.id == member_id)
-                              .with_for_update(read=True, key_share=True))
+        # Read under that lock: erased (core.members.erase_member), before or while this waited, her payment keeps no
+        # number, as her other payments keep none (the account the admin typed, or her number that found her).
+        her = (await session.execute(select(Member.phone_enc, Member.phone_masked).where(Member.id == member_id)
+                                     .with_for_update(read=True, key_share=True))).first()
+        erased = her is not None and her.phone_enc is None and her.phone_masked == ERASED_MASK
     # Before the key is looked for: the same request sent twice at once finds the first one's payment.
     await _lock_transaction_id(session, provider.name, txn)
     existing = await find_by_key(session, coop.id, key)
@@ -393,7 +397,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     refused = _refusal(rt, new, context, ptype, amount, account_refused, taken=True)
     if refused is not None:
         raise refused
-    if account is None:
+    if account is None and not erased:
         account, account_refused = _normalise_account(new.method, await _members_number(session, rt, new),
                                                        coop.country)
         if account_refused is not None:
@@ -408,7 +412,6 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     request = _known_request(line.gateway_reference, callback_reference)
     if request is not None:
         await _request_free(session, provider.name, request, coop.id)
-    account_index = rt.cipher.blind_index(account)
     await session.connection()  # then the stamp (see core.state.transition): the payment sync's horizon
     now = utcnow()
     values: dict[str, Any] = {
@@ -421,9 +424,15 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         # to the provider, unique as every payment's is.
         "provider_reference": request or f"{REQUEST_UNKNOWN}{uuid.uuid4()}", "provider_transaction_id": txn,
         "gateway_reference": None,
-        "payment_url": None, "payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
-        "payment_account_index": account_index, "payment_account_masked": _mask_account(account),
-        "idempotency_key": key, "request_hash": keyed_request_hash(rt.cipher, digest),
+        "payment_url": None, "idempotency_key": key,
+        # Her number's ciphertext, blind index and mask, and the request's hash (a digest of the account): for an
+        # erased member, what her erasure leaves on her payments (core.members._erase_payments); her key alone
+        # answers with it again (core.payments._same_or_refused).
+        **({"payment_account_enc": "", "payment_account_index": "", "payment_account_masked": ERASED_MASK,
+            "request_hash": ""} if erased or account is None else
+           {"payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
+            "payment_account_index": rt.cipher.blind_index(account), "payment_account_masked": _mask_account(account),
+            "request_hash": keyed_request_hash(rt.cipher, digest)}),
         "description": None, "due_date": None, "channel": RECORDED, "failure_reason": None,
         "mismatch": False, "mismatch_detail": None, **NOT_REVIEWED, "late": False, "next_poll_at": None,
         "created_by": actor.id,
