@@ -248,8 +248,8 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     counted it without writing one, shed past the cap on hops in flight (busy) or failed (unavailable), and
     Hubtel's Release or Timeout after that END counted it a second time (abandoned); or it never reached us (a
     Timeout while its opening hop still runs: the row it writes then is the sweep's to count). (A new session of
-    the id whose first hop could neither write its row nor close it, the database away, goes uncounted: rarer than
-    a late notice or a shed opening hop, which counted it twice.)
+    the id whose first hop could neither write its row nor close it, the database away, is counted by that hop
+    itself: types.OpeningUnwritten.)
 
     A close with the session's state that finds no row (its END, Hubtel's Release or Timeout) is told closed before
     too: the session's opening hop saved its state but could not write the row, was answered "unavailable" and

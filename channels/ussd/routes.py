@@ -132,16 +132,19 @@ class UssdChannel:
         """Whether a hop of this session runs here now (finishing in the background included)."""
         return (turn.aggregator, turn.session_id) in self._live
 
-    async def end_unanswered(self, rt: Any, turn: UssdTurn, outcome: str, wait: float) -> None:
+    async def end_unanswered(self, rt: Any, turn: UssdTurn, outcome: str, wait: float, *,
+                             unwritten: bool = False) -> None:
         """Close the row of a session this hop ends without its own answer (busy, unavailable, unsettled) and count
         it (UssdService.ended_unanswered), waiting for that at most `wait` seconds; the rest runs in the
-        background, bounded by MAX_PENDING_CLOSES."""
+        background, bounded by MAX_PENDING_CLOSES. `unwritten`: the hop could not write the session's row
+        (types.OpeningUnwritten): a close not done counts it, as on Africa's Talking (the sweep has no row to count)."""
         if len(self._closing) >= MAX_PENDING_CLOSES:
-            if turn.aggregator == africastalking.NAME:  # as _closed judges a write that failed
+            if turn.aggregator == africastalking.NAME or unwritten:  # as _closed judges a write that failed
                 metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
             return
         counted_here = False
-        task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome, lambda: counted_here))
+        task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome, lambda: counted_here,
+                                                                 unwritten=unwritten))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         if wait > 0:
@@ -327,11 +330,10 @@ async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, st
                     extra={"aggregator": aggregator, "session_id": turn.session_id,
                            "phone": turn.phone.masked(), "error": type(cause).__name__},
                     exc_info=not isinstance(cause, EXPECTED_OUTAGES))
-        if unwritten:
-            # An opening hop whose session row was not written: no row to close, counted here (OpeningUnwritten).
-            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
-        else:
-            await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS)
+        # An opening hop whose session row's write failed (OpeningUnwritten) is closed too: the write may have been
+        # committed (its answer lost), and a row left OPEN was counted again by a Release or the sweep. A close
+        # failing as well counts it (unwritten): most likely there is no row, and the sweep would count nothing.
+        await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS, unwritten=unwritten)
         return channel.service.unavailable(rt, turn), "unavailable"
 
 

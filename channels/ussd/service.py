@@ -283,64 +283,73 @@ class UssdService:
         # Either way the text is consumed: the next hop's key is what follows it (as Hubtel and Nalo, which
         # send only the latest input, drop the key pressed on a lost session).
         stored.acc = turn.accumulated
-        if extension:
-            coop = await flows.cooperative_by_extension(rt, extension.split("*")[0])
-            if coop is not None:
-                state.data["x"] = coop.id
-                ctx.cache[f"coop:{coop.id}"] = coop
         written = False
+        try:
+            if extension:
+                coop = await flows.cooperative_by_extension(rt, extension.split("*")[0])
+                if coop is not None:
+                    state.data["x"] = coop.id
+                    ctx.cache[f"coop:{coop.id}"] = coop
 
-        async def read_memberships() -> list[Any]:
-            # On PostgreSQL the session row is written in the memberships' statement (one round trip, not two):
-            # its cooperative and member are the memberships' (below), so nothing is written before they are known.
-            nonlocal written
-            if lost is None:
-                found = await flows.opening_memberships(ctx, aggregator=turn.aggregator, session_id=turn.session_id,
-                                                        phone=turn.phone, service_code=dialled, network=turn.network)
-                if found is not None:
-                    written = True
-                    return found
-            return await flows.memberships(ctx)
+            async def read_memberships() -> list[Any]:
+                # On PostgreSQL the session row is written in the memberships' statement (one round trip, not two):
+                # its cooperative and member are the memberships' (below), so nothing is written before they are known.
+                nonlocal written
+                if lost is None:
+                    found = await flows.opening_memberships(ctx, aggregator=turn.aggregator,
+                                                            session_id=turn.session_id, phone=turn.phone,
+                                                            service_code=dialled, network=turn.network)
+                    if found is not None:
+                        written = True
+                        return found
+                return await flows.memberships(ctx)
 
-        # The resume route (Redis), unless read with the session, is looked up while the memberships (PostgreSQL)
-        # are read: under load each await of a hop waits its turn behind the other hops, and the opening hop has
-        # the most of them.
-        if facts is None:
-            peek = asyncio.ensure_future(sessions.opening_facts(rt.redis, rt.cipher, turn.phone))
-            try:
+            # The resume route (Redis), unless read with the session, is looked up while the memberships (PostgreSQL)
+            # are read: under load each await of a hop waits its turn behind the other hops, and the opening hop has
+            # the most of them.
+            if facts is None:
+                peek = asyncio.ensure_future(sessions.opening_facts(rt.redis, rt.cipher, turn.phone))
+                try:
+                    ms = await read_memberships()
+                except BaseException:
+                    peek.cancel()
+                    await asyncio.gather(peek, return_exceptions=True)
+                    raise
+                facts = await peek
+            else:
                 ms = await read_memberships()
-            except BaseException:
-                peek.cancel()
-                await asyncio.gather(peek, return_exceptions=True)
-                raise
-            facts = await peek
-        else:
-            ms = await read_memberships()
-        resumable, chosen = facts
-        if resumable and state.data.get("x"):
-            resumable = await self._resumes_in(rt, turn.phone, state.data["x"])
-        # The person's language, the same on every serve process: her memberships' (all of them, not only
-        # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
-        # memory: another process would greet the same phone in another language.
-        # A caller none of whose cooperatives knows her, who chose no language, dialling a cooperative's code:
-        # that cooperative's. Dialling the shared code: her number's country's (a Tanzanian stranger was greeted
-        # in English), computed from the number alone, no read.
-        dialled_coop = ctx.cache.get(f"coop:{state.data['x']}") if state.data.get("x") else None
-        state.lang = language(ctx.cache.get("lang") or chosen or (dialled_coop.language if dialled_coop else None)
-                              or COUNTRY_LANGUAGE.get(turn.phone.region))
-        reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
-        member_id = ms[0][0].id if len(ms) == 1 else None
-        coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
-        if coop_id:
-            state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
-        if lost is not None:
-            return stored, reply, None  # its row was written by the session's real first hop
-        if written:
-            return stored, reply, None  # with the memberships
-        opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
-                                    phone=turn.phone, service_code=dialled, network=turn.network,
-                                    cooperative_id=coop_id, member_id=member_id)
-        return stored, reply, opening
+            resumable, chosen = facts
+            if resumable and state.data.get("x"):
+                resumable = await self._resumes_in(rt, turn.phone, state.data["x"])
+            # The person's language, the same on every serve process: her memberships' (all of them, not only
+            # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
+            # memory: another process would greet the same phone in another language.
+            # A caller none of whose cooperatives knows her, who chose no language, dialling a cooperative's code:
+            # that cooperative's. Dialling the shared code: her number's country's (a Tanzanian stranger was greeted
+            # in English), computed from the number alone, no read.
+            dialled_coop = ctx.cache.get(f"coop:{state.data['x']}") if state.data.get("x") else None
+            state.lang = language(ctx.cache.get("lang") or chosen or (dialled_coop.language if dialled_coop else None)
+                                  or COUNTRY_LANGUAGE.get(turn.phone.region))
+            reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
+            member_id = ms[0][0].id if len(ms) == 1 else None
+            coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
+            if coop_id:
+                state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
+            if lost is not None:
+                return stored, reply, None  # its row was written by the session's real first hop
+            if written:
+                return stored, reply, None  # with the memberships
+            opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
+                                        phone=turn.phone, service_code=dialled, network=turn.network,
+                                        cooperative_id=coop_id, member_id=member_id)
+            return stored, reply, opening
+        except Exception as exc:
+            if lost is not None or written:
+                raise  # its row is there (the session's real first hop's, or written with the memberships)
+            # No row written (PostgreSQL writes it with the memberships, which failed; elsewhere it is written
+            # with the save, after this), nothing saved: the hop counts the session (OpeningUnwritten). Raised as
+            # any other failure, its close failing too left Hubtel's and Nalo's session to a sweep with no row.
+            raise OpeningUnwritten(f"session row not written: {type(exc).__name__}") from exc
 
     @staticmethod
     async def _resumes_in(rt: Any, phone: Phone, coop_id: str) -> bool:
@@ -402,7 +411,7 @@ class UssdService:
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
 
     async def ended_unanswered(self, rt: Any, turn: UssdTurn, outcome: str,
-                               counted: Callable[[], bool] = lambda: False) -> None:
+                               counted: Callable[[], bool] = lambda: False, *, unwritten: bool = False) -> None:
         """The session ended by an END the gateway gave without the hop's own answer: `outcome` busy (shed past the
         cap on hops in flight), unavailable (the hop failed) or unsettled (it failed, or ran out of time, after a
         payment began). Its row is closed (Incomplete, with the outcome as its error) and the session counted so, by
@@ -415,14 +424,21 @@ class UssdService:
         hop opened, as _first_hop takes it (it writes the row), and is counted here. Not only an is_new hop: Africa's
         Talking's opening hop with a cooperative's code dialled (*384*123*7#, text "7") is not, and one failing
         before its row was written went uncounted (its close taken for a Hubtel Release after a shed opening hop,
-        the Success notice of our END counting nothing)."""
-        before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=True)
+        the Success notice of our END counting nothing).
+
+        `unwritten`: the hop's write of the session's row failed (types.OpeningUnwritten). Its close still runs: a
+        write that fails may have been committed (the connection lost after the COMMIT), and the row it left OPEN
+        was counted again by Hubtel's Release or the sweep. A close that fails too counts the session here, as on
+        Africa's Talking: the row is most likely not there, and the sweep has nothing to count."""
+        before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=True,
+                                    unwritten=unwritten)
         if not before and not counted():
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
 
     @staticmethod
     async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored | None, *, status: str,
-                      error: str | None = None, opening: bool = False, knows_less: bool = False) -> bool:
+                      error: str | None = None, opening: bool = False, knows_less: bool = False,
+                      unwritten: bool = False) -> bool:
         """The session's row recorded ended; whether it was closed before. A session is counted once in
         gateway_ussd_sessions, by the first close of its row (records._first_close): the sweep's timed_out, the
         aggregator's notice (its outcome), or this hop's; a counter cannot take the first back, so a later close
@@ -430,7 +446,9 @@ class UssdService:
         database away) leaves the row OPEN: on Hubtel and Nalo its next close, the sweep's, counts it (timed_out),
         so this one does not (twice, else); Africa's Talking reports our END a Success, which counts nothing
         (routes._events), so its END counts (once, unless the notice is lost and the sweep closes the row).
-        (records.closed() tells a second write that fails: the first found the row closed before.)"""
+        (records.closed() tells a second write that fails: the first found the row closed before.) `unwritten`: the
+        session's opening hop could not write its row (ended_unanswered): a failing close counts it, as on Africa's
+        Talking."""
         try:
             if stored is None:
                 return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
@@ -445,7 +463,7 @@ class UssdService:
             expected = isinstance(exc, EXPECTED_OUTAGES)
             log.log(logging.WARNING if expected else logging.ERROR, "ussd session record not updated",
                     extra={"session_id": turn.session_id, "error": type(exc).__name__}, exc_info=not expected)
-            return turn.aggregator != africastalking.NAME
+            return turn.aggregator != africastalking.NAME and not unwritten
 
     def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:
         return UssdReply(translate(self._language(rt, turn), "unavailable"), True)

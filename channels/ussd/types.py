@@ -79,10 +79,12 @@ class HopUnsettled(Exception):
 
 class OpeningUnwritten(Exception):
     """A session's opening hop could not write the session's row (the database away; raised from that error). The
-    hop is answered "unavailable" and counts the session itself, closing nothing: there is no row for a close to
-    find or for the sweep to count, and its close, failing too on Hubtel or Nalo, took the row for one left OPEN that
-    the sweep would count. Its session state is not left in Redis (UssdService._answer): a Release or Timeout after
-    it counted the session a second time (abandoned)."""
+    hop is answered "unavailable" and its row closed as any failed hop's (UssdService.ended_unanswered, `unwritten`):
+    a write that failed may still have been committed (its answer lost), and the row left OPEN was counted again by a
+    Release or the sweep. A close failing too counts the session itself: most likely there is no row for the sweep
+    to count (on Hubtel and Nalo a failing close took the row for one left OPEN that the sweep would count). Its
+    session state is not left in Redis (UssdService._answer): a Release or Timeout after it counted the session a
+    second time (abandoned)."""
 
 
 HOP_PROGRESS: contextvars.ContextVar[HopProgress | None] = contextvars.ContextVar("ussd_hop_progress",

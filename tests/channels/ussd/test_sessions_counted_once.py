@@ -767,3 +767,60 @@ async def test_a_session_whose_state_outlived_its_unwritten_row_is_not_counted_a
     assert (await phone.post("Release", ""))["Type"] == "Release"
     assert _added(before, _counted("hubtel", "unavailable")) == {"unavailable": 1}
     assert await db.count(UssdSession, UssdSession.session_id == "hubtel-state-kept") == 0
+
+
+@pytest.mark.parametrize(("aggregator", "kind"), [("hubtel", "Release"), ("hubtel", "Timeout"), ("nalo", ""),
+                                                  (AT, "")])
+async def test_an_opening_hop_whose_row_write_failed_after_its_commit_is_counted_once(
+        aggregator: str, kind: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """The opening hop's row write is committed, but its answer is lost (the connection drops after the COMMIT):
+    the hop cannot tell a row written from one not written. Answered "service unavailable", counted so, once: its
+    close finds the row OPEN and closes it. Closing nothing, the hop left the row OPEN, and Hubtel's Release (or the
+    sweep, on Nalo) counted the session a second time."""
+    from channels.ussd.routes import USSD
+
+    real_opened = records.opened
+
+    async def apart(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    async def written_then_lost(*args: Any, **kwargs: Any) -> None:
+        await real_opened(*args, **kwargs)
+        raise ConnectionError("connection lost after the COMMIT")
+
+    session_id = f"{aggregator}-committed-{kind}"
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(records, "opened_reading", apart)
+        patched.setattr(records, "opened", written_then_lost)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await client.app[USSD].settled()
+    await _after_the_end(client, rt, aggregator, phone, kind)
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+    rows = await db.all(UssdSession, UssdSession.session_id == session_id)
+    assert [(row.status, row.error) for row in rows] == [
+        ("Success" if aggregator == AT else "Incomplete", None if aggregator == AT else "unavailable")]
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", AT])
+async def test_an_opening_hop_whose_memberships_read_and_close_fail_is_counted_once(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """PostgreSQL writes the session's row in the opening hop's memberships statement: the database away, that
+    statement fails (no row, nothing saved) and so does the hop's close. On Hubtel and Nalo a failing close leaves
+    the session to the sweep, which had no row to count: the session went uncounted. Counted once, unavailable."""
+    from channels.ussd import flows
+    from channels.ussd.routes import USSD
+
+    async def database_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("database went away")
+
+    session_id = f"{aggregator}-memberships-away"
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(flows, "opening_memberships", database_down)
+        patched.setattr(flows, "memberships", database_down)
+        patched.setattr(records, "closed", database_down)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await client.app[USSD].settled()
+    await _after_the_end(client, rt, aggregator, phone, "Release")
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
