@@ -33,8 +33,10 @@ for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return #ARGV - 1
 """
-# The same fields taken back (a losing copy of a hop counted what the winning copy counted).
+# The same fields taken back (a losing copy of a hop counted what the winning copy counted; an opening hop
+# without its row); a key gone meanwhile (expired) is not made again, at -1 and with no expiry.
 _UNCOUNT_FIELDS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], -1) end
 return #ARGV
 """
@@ -72,6 +74,9 @@ class Stored:
     # What save() compares against (not stored): the SHA-1 of the value this session was read from, "" for
     # a session that was not there (its first hop), None to write whatever is there.
     seen: str | None = field(default=None, compare=False, repr=False)
+    # The funnel hour save() counted this hop's counters in (not stored): unsave() takes them back from that hour's
+    # key, whatever the hour is by then.
+    counted_in: str | None = field(default=None, compare=False, repr=False)
 
 
 def session_key(aggregator: str, session_id: str) -> str:
@@ -220,6 +225,8 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
         # field and an EXPIRE, each a reply of its own in the pipeline.
         pipe.eval(_COUNT_FIELDS, 1, hour, FUNNEL_TTL, *funnel)
     winner = _saved(stored, value, (await pipe.execute())[0])
+    if winner is None and funnel:
+        stored.counted_in = hour
     if winner is not None:
         # The route and the counters are other keys (other cluster slots): they were written all the same.
         # Rare (the copy that lost a race), so set right after: the winner's route, and the counts taken back.
@@ -229,12 +236,14 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
 
 async def unsave(redis: Any, aggregator: str, session_id: str, stored: Stored, *, funnel: Sequence[str] = ()) -> None:
     """Take back what save() wrote of `stored` (just saved: stored.seen is what it wrote) and the funnel counters it
-    added, in one round trip: the session is removed unless something wrote it since. (The counters are taken from
-    this hour's: an hour turning between the two leaves one in each.)"""
+    added, in one round trip: the session is removed unless something wrote it since. The counters are taken from
+    the hour save() counted them in (stored.counted_in), also when the hour has turned since: taken from the new
+    hour's, they were left counted in the old one and made the new one's key at -1, with no expiry."""
     pipe = redis.pipeline(transaction=False)
     pipe.eval(_DELETE_IF_UNCHANGED, 1, session_key(aggregator, session_id), stored.seen or "")
-    if funnel:
-        pipe.eval(_UNCOUNT_FIELDS, 1, funnel_key(utcnow()), *funnel)
+    if funnel and stored.counted_in:
+        pipe.eval(_UNCOUNT_FIELDS, 1, stored.counted_in, *funnel)
+        stored.counted_in = None
     await pipe.execute()
 
 

@@ -824,3 +824,45 @@ async def test_an_opening_hop_whose_memberships_read_and_close_fail_is_counted_o
         await client.app[USSD].settled()
     await _after_the_end(client, rt, aggregator, phone, "Release")
     assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+
+
+async def test_an_opening_hop_taken_back_after_the_hour_turned_uncounts_the_hour_it_counted_in(
+        rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The opening hop counts its funnel fields in its hour's key; its take-back (no row could be written) comes a
+    # moment later. Across an hour's turn it took them from the new hour's key: the old hour kept them, and the new
+    # key was made at -1, with no expiry.
+    from datetime import UTC, datetime
+
+    from core.ops import funnel_key
+
+    before, after = datetime(2026, 12, 7, 10, 59, 59, 900_000, UTC), datetime(2026, 12, 7, 11, 0, 0, 100_000, UTC)
+    redis, read = rt.hot_redis, rt.redis
+    await read.delete(funnel_key(before), funnel_key(after))
+    stored = sessions.Stored(state=sessions.State(screen="home"), seen="")
+    monkeypatch.setattr(sessions, "utcnow", lambda: before)
+    assert await sessions.save(redis, "hubtel", "hour-turn", stored, funnel=["opened", "home"]) is None
+    assert await read.hgetall(funnel_key(before)) == {b"opened": b"1", b"home": b"1"}
+    monkeypatch.setattr(sessions, "utcnow", lambda: after)
+    await sessions.unsave(redis, "hubtel", "hour-turn", stored, funnel=["opened", "home"])
+    assert await read.hgetall(funnel_key(before)) == {b"opened": b"0", b"home": b"0"}
+    assert await read.exists(funnel_key(after)) == 0
+    assert await read.get(sessions.session_key("hubtel", "hour-turn")) is None
+    # Taken back once: a second take-back of the same save counts nothing more.
+    await sessions.unsave(redis, "hubtel", "hour-turn", stored, funnel=["opened", "home"])
+    assert await read.hgetall(funnel_key(before)) == {b"opened": b"0", b"home": b"0"}
+    await read.delete(funnel_key(before))
+
+
+async def test_a_take_back_never_makes_an_expired_hours_key_again(rt: Any) -> None:
+    # The hour's key gone meanwhile (expired, or flushed): taken back into nothing, not made again at -1 forever.
+    from datetime import UTC, datetime
+
+    from core.ops import funnel_key
+
+    redis, read = rt.hot_redis, rt.redis
+    stored = sessions.Stored(state=sessions.State(screen="home"), seen="")
+    assert await sessions.save(redis, "nalo", "gone-hour", stored, funnel=["opened"]) is None
+    assert stored.counted_in is not None
+    await read.delete(stored.counted_in)
+    await sessions.unsave(redis, "nalo", "gone-hour", stored, funnel=["opened"])
+    assert await read.exists(funnel_key(datetime.now(UTC))) == 0
