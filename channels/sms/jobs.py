@@ -324,7 +324,7 @@ class SmsJobs:
             try:
                 if existing is None:
                     try:
-                        message = await self._create(conn, payload, key)
+                        message = await self._create(conn, payload, key, lease=job)
                     except PhoneReleased:  # to the member's number, which is no longer theirs: not sent
                         log.info("member SMS not sent", extra={"member_id": payload.get("member_id"),
                                                                "reason": "phone_released",
@@ -542,7 +542,14 @@ class SmsJobs:
         except TemplateError as exc:
             raise PermanentJobError(f"cannot build SMS: {exc}") from exc
 
-    async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str, *, sent: bool = False) -> Any:
+    async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str, *, sent: bool = False,
+                      lease: Job | None = None) -> Any:
+        """Build and store the message (QUEUED), or read the one another run stored. A keyword's reply
+        (_needs_lease) sent by a worker's run (`lease`: its job, claimed) is stored only while that run still holds
+        its job (_insert_leased): a run whose lease lapsed before it stored its reply, judged still true, stored and
+        sent it after the run holding the job had ended it unsent and given its count back (her STOP's reply
+        switched since: "no more reminders" read last while her START had turned them back on; or a job parked and
+        discarded). Such a run stores nothing (RetryLater, whose outcome the worker drops)."""
         rt = self.rt
         phone, language, body = await self._build(conn, payload, sent=sent)
         size = measure(body)
@@ -566,7 +573,12 @@ class SmsJobs:
             "updated_at": now,
         }
         held = not sent and bool(payload.get("member_id")) and not payload.get("phone_enc")
-        if held:
+        leased = not sent and lease is not None and lease.locked_by is not None and _needs_lease(payload)
+        if leased:
+            assert lease is not None
+            row = await _first(conn, _insert_leased(conn.dialect.name, tuple(values), held),
+                               {**values, "lease_job": lease.id, "lease_worker": lease.locked_by})
+        elif held:
             # To her own number, read by the build: stored only while she still holds it (_insert_held).
             row = await _first(conn, _insert_held(conn.dialect.name, tuple(values)), values)
         else:
@@ -575,10 +587,12 @@ class SmsJobs:
             metrics.SMS.labels(status="QUEUED").inc()  # by the run whose insert stored it: once a message
             return row
         # Another run inserted it first (ON CONFLICT DO NOTHING returns no row), and counted it; or her number is
-        # no longer hers (erased, released or corrected since the build read it): built again, from what is now.
+        # no longer hers (erased, released or corrected since the build read it): built again, from what is now;
+        # or this run no longer holds its job (leased): the run that holds it decides.
         row = await _first(conn, _BY_KEY, {"k": key})
         if row is None:
             raise RetryLater(1, "the member's number changed as the message was built: built again" if held
+                             else "this run no longer holds its job: its reply not stored" if leased
                              else "message row neither inserted nor found")
         return row
 
@@ -839,6 +853,35 @@ def _insert_held(dialect_name: str, columns: tuple[str, ...]) -> Any:
             .where(members.c.id == given["member_id"], members.c.phone_index == given["phone_index"])
             .with_for_update(read=True, key_share=True))
     return (insert_ignore(dialect_name, _SMS).from_select(list(columns), select(*given.values()).where(held.exists()))
+            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_COLUMNS))
+
+
+def _needs_lease(payload: dict[str, Any]) -> bool:
+    """Whether an 'sms.send' of `payload` stores its message only while its run holds the job (_insert_leased): a
+    keyword's reply counted against the number's reply limits (COUNTED_AT: given back when it is not sent), or a
+    reply to STOP or START (not sent once she switched since). Few: the bulk (receipts) pays no lease probe."""
+    return payload.get("template") in SWITCH_REPLIES or COUNTED_AT in (payload.get("context") or {})
+
+
+@functools.cache
+def _insert_leased(dialect_name: str, columns: tuple[str, ...], held: bool) -> Any:
+    """_insert (or _insert_held: `held`) storing only while the run still holds its job: the job (lease_job) RUNNING
+    under this worker (lease_worker), its row locked FOR SHARE. A claim by another worker under way is waited for
+    and then seen (nothing stored); one after it waits for this insert's commit, so the run that claimed finds the
+    row (it never judges a reply "none stored" while this run stores it)."""
+    given = {name: bindparam(name, type_=_SMS.c[name].type) for name in columns}
+    jobs = OutboxJob.__table__
+    holds = (select(jobs.c.id)
+             .where(jobs.c.id == bindparam("lease_job"), jobs.c.status == "RUNNING",
+                    jobs.c.locked_by == bindparam("lease_worker", type_=String))
+             .with_for_update(read=True))
+    where = [holds.exists()]
+    if held:
+        members = Member.__table__
+        where.append(select(members.c.id)
+                     .where(members.c.id == given["member_id"], members.c.phone_index == given["phone_index"])
+                     .with_for_update(read=True, key_share=True).exists())
+    return (insert_ignore(dialect_name, _SMS).from_select(list(columns), select(*given.values()).where(*where))
             .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_COLUMNS))
 
 

@@ -1,6 +1,6 @@
 """A run of an 'sms.send' whose lease lapsed before it stored its message (a worker stalled: a long GC pause, SIGSTOP)
-can still store and send it after another worker's run parked the job and an admin discarded it. Known, rare, left
-open (see the test's reason): reproduced here so that a fix has a test."""
+stored and sent it after another worker's run parked the job and an admin discarded it: a keyword's reply is stored
+only while its run holds its job (channels.sms.jobs._insert_leased)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
 from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs, message_key, message_keys
@@ -22,9 +21,6 @@ from tests.channels.sms.test_send_faults import ALINE
 from tests.conftest import drain, early_in_window
 
 
-@pytest.mark.xfail(strict=True, reason="a run whose lease lapsed before it stored its message still stores and sends "
-                                       "it after the job was parked and discarded (its insert does not ask whether "
-                                       "it still holds the job)")
 async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothing_once_discarded(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:

@@ -1,0 +1,62 @@
+"""A run of a reply to STOP whose lease lapsed before it stored its message (a worker stalled: a long GC pause,
+SIGSTOP), after it judged the reply still true, must not store and send it once the run holding the job found her
+START taken since and ended the job with the reply's give-back (switched_since, nothing stored)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs, message_key, message_keys
+from channels.sms.templates import render
+from core.db import utcnow
+from core.models import OutboxJob, SmsMessage
+from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.test_routes import ALINE
+from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
+from tests.conftest import drain, early_in_window
+
+
+async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_sends_nothing(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Run A of her STOP's reply judges it true (her STOP is the latest word) and stalls building it, past its lease
+    and its send lock. Her START is taken; run B claims the job, finds the reply switched since with nothing stored,
+    and ends the job with its give-back, which runs. Then A wakes up: it must store and send nothing. Stored and sent,
+    she read "no more reminders" last while her START had turned them back on, and that reply was given back too
+    (5 of her next 5 keywords answered: 7 replies in her 10 minutes)."""
+    from app import create_worker
+
+    await early_in_window(600, room=60)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
+
+    async def build(self: Any, conn: Any, payload: Any, **kwargs: Any) -> Any:
+        if payload["template"] == "opted_out" and not stalled.is_set():  # run A: stalls here
+            stalled.set()
+            await asyncio.wait_for(go.wait(), 30)
+        return await real_build(self, conn, payload, **kwargs)
+
+    monkeypatch.setattr(SmsJobs, "_build", build)
+    first = create_worker(rt)
+    [job] = await first.claim()
+    run_a = asyncio.create_task(first.run_job(job))
+    await asyncio.wait_for(stalled.wait(), 30)
+    async with rt.sessionmaker.begin() as session:  # A's lease lapses, and so does its send lock
+        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
+            run_at=utcnow() - timedelta(seconds=1)))
+    await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await drain(worker)  # run B (switched since, nothing stored: DONE, its give-back queued), the START's reply
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    go.set()
+    await run_a
+    async with rt.sessionmaker() as session:
+        stored = (await session.execute(select(SmsMessage.template, SmsMessage.status))).all()
+    assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
+    assert stored == [("opted_in", "SENT")], stored
+    assert (await jobs_of(rt, "sms.send"))[0].status == "DONE"
+    assert await _replies_to_status(rt, sms_client, 5) == 4
