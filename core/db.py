@@ -262,7 +262,12 @@ def _ping_on_checkout(engine: AsyncEngine) -> None:
     """
 
     @event.listens_for(engine.sync_engine, "checkin")
-    def _returned(_dbapi_conn: Any, record: Any) -> None:
+    def _returned(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is not None:
+            # Never in the pool in autocommit (core.db.autocommit's flag), however the connection came back (a block
+            # that closed it itself, a path autocommit's exit did not see): a later session on it would begin no
+            # transaction, each of its statements committed alone. An attribute, no I/O.
+            dbapi_conn.autocommit = False
         if record is not None:
             record.info["checked_in"] = time.monotonic()
 
@@ -322,7 +327,8 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 
 def _autocommit_off(sync: Any) -> None:
     """The adapter out of autocommit, back to the isolation level it had before (none: plain BEGIN), on a PostgreSQL
-    Connection that still has its DBAPI connection (an invalidated one is discarded, its adapter with it)."""
+    Connection that still has its DBAPI connection (an invalidated one is discarded, its adapter with it). The pool's
+    checkin clears it too (_ping_on_checkout's listener), for a connection given back another way."""
     if not sync.closed and not sync.invalidated:
         sync.connection.dbapi_connection.autocommit = False
 

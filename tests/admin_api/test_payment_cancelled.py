@@ -77,6 +77,24 @@ async def _pool_idle(rt: Any) -> None:
     raise AssertionError(f"{pool.checkedout()} connection(s) never came back to the pool")
 
 
+async def _pool_begins(rt: Any) -> None:
+    """Every connection in the pool begins a transaction for a session (PostgreSQL): none was handed back with its
+    adapter still in autocommit (core.db.autocommit's flag), whose sessions would commit each statement alone (a
+    multi-statement transaction not atomic, its rollback undoing nothing). The idle ones all checked out at once."""
+    if rt.engine.dialect.name != "postgresql":
+        return
+    from core import pgraw
+
+    sessions = [rt.sessionmaker() for _ in range(rt.engine.sync_engine.pool.checkedin())]
+    try:
+        for s in sessions:
+            await s.execute(select(func.now()))
+            assert await pgraw.in_transaction(s), "a pooled connection's session ran outside a transaction"
+    finally:
+        for s in sessions:
+            await s.close()
+
+
 async def _rows(rt: Any, key: str) -> list[tuple[str, int, list[str]]]:
     """The payments made with `key`: each with its audit rows' count and its jobs' kinds."""
     async with rt.sessionmaker() as s:
@@ -142,6 +160,7 @@ async def _cut_everywhere(admin: Any, rt: Any, rent: str, extra: dict[str, Any],
         except aiohttp.ClientError:  # the server dropped the connection of the cancelled request
             status = None
         await _pool_idle(rt)
+        await _pool_begins(rt)
         made = await _rows(rt, body["idempotencyKey"])
         assert len(made) <= 1, (point, made)
         for payment_id, audits, jobs in made:  # all of it or nothing

@@ -501,6 +501,29 @@ async def test_a_connection_back_from_autocommit_begins_as_one_never_in_it(sm: A
     assert begins == ["BEGIN;", "BEGIN;"]
 
 
+@pytest.mark.parametrize("how", ["closed in the block", "closed, then raised"])
+async def test_a_connection_given_back_from_inside_an_autocommit_block_is_not_left_in_autocommit(
+    sm: Any, how: str
+) -> None:
+    """However the connection goes back to the pool (here the block closes it itself, before autocommit's exit, which
+    then finds it closed and has no adapter to clear), the adapter is not left in autocommit: a later session on it
+    would begin no transaction, each of its statements committed alone (its rollback undoing nothing)."""
+    from core.db import autocommit
+
+    engine = sm.kw["bind"]
+    with pytest.raises(RuntimeError) if how == "closed, then raised" else _nothing():
+        async with autocommit(engine) as conn:
+            raw = await pgraw.driver(conn)
+            await conn.close()
+            if how == "closed, then raised":
+                raise RuntimeError("the block failed")
+    assert engine.sync_engine.pool.checkedout() == 0
+    async with sm() as s:
+        assert await pgraw.driver(s) is raw  # (the pool is LIFO: the same connection)
+        await s.execute(select(literal(1)))
+        assert await pgraw.in_transaction(s)
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
