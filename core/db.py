@@ -9,7 +9,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -24,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import await_
+from sqlalchemy.util.concurrency import in_greenlet
 
 
 class event_data_id(FunctionElement[str]):
@@ -214,6 +215,21 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
             cur.close()
             dbapi_conn.create_function(UNACCENT_LOWER, 1, unaccent_lower_text, deterministic=True)
             dbapi_conn.create_function(UNICODE_LOWER, 1, unicode_lower_text, deterministic=True)
+
+        @event.listens_for(engine.sync_engine, "invalidate")
+        def _rolled_back_before_close(_dbapi_conn: Any, record: Any, _exc: Any) -> None:
+            """A connection SQLAlchemy discards (a statement of it cancelled: a request cut mid-write) rolled back
+            before its close. Closed with a statement still open (a write with RETURNING whose row was not read yet),
+            the sqlite3 connection became a "zombie" that kept its transaction, and the database's write lock, until
+            the garbage collector freed the cursor: 30 to 60 s in which every write waited busy_timeout, then failed
+            "database is locked" (a 503). ROLLBACK ends the transaction whatever is still open. Queued on the
+            connection's thread ahead of the close (after a write still running there), shielded: a second
+            cancellation does not stop it, nor the close SQLAlchemy goes on to."""
+            if record.driver_connection is None or not in_greenlet():
+                return  # (the garbage collector's clean-up: no loop to wait on)
+            # Closed already, or cancelled again (the rollback goes on): the close follows either way.
+            with suppress(Exception, asyncio.CancelledError):
+                await_(asyncio.shield(record.driver_connection.rollback()))
 
         return engine
     engine = create_async_engine(

@@ -18,12 +18,12 @@ from admin_api import routing
 from core import db
 from core.models import AuditEvent, OutboxJob, Payment
 from tests.admin_api.conftest import Caller, payment_body
-from tests.conftest import make_settings, requires_pg
+from tests.conftest import make_settings
 
-# On PostgreSQL, where an API payment runs on a Core connection in autocommit (core.db.autocommit, core.pgraw). On
-# SQLite (embedded, a session) a request cut while aiosqlite runs one of its writes left the database's write lock
-# held for 30 to 60 seconds (every write meanwhile waited busy_timeout, then 503): not fixed yet, see h3's report.
-pytestmark = requires_pg
+# On PostgreSQL an API payment runs on a Core connection in autocommit (core.db.autocommit, core.pgraw); on SQLite
+# (embedded) in a session, where a request cut while aiosqlite ran one of its writes with RETURNING had left the
+# database's write lock held for 30 to 60 seconds (the retry waited busy_timeout, then 503: core.db.make_engine's
+# rollback before an invalidated connection's close).
 
 
 @pytest.fixture
