@@ -77,11 +77,17 @@ async def early_in_window(window: int = 60, room: float = 10.0) -> None:
         await asyncio.sleep(left + 0.05)
 
 
-async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None) -> None:
+async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, *,
+                            done: asyncio.Task[Any] | None = None) -> None:
     """Until `count` transactions of the test database wait for a lock (PostgreSQL; `wait_event`: of that kind only,
-    e.g. 'advisory'). Read on a new connection each time: pg_stat_activity is read once a transaction."""
+    e.g. 'advisory'). Read on a new connection each time: pg_stat_activity is read once a transaction.
+
+    With `done`, also ends once that task has ended (a request that, without the lock it should take, went through
+    meanwhile), and never raises: the test's assertions afterwards tell."""
     which = " AND wait_event = :event" if wait_event else ""
     for _ in range(200):
+        if done is not None and done.done():
+            return
         async with rt.engine.connect() as probe:
             waiting = (await probe.execute(text(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -89,7 +95,25 @@ async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None) 
         if waiting >= count:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"{count} transactions never came to wait for a lock")
+    if done is None:
+        raise AssertionError(f"{count} transactions never came to wait for a lock")
+
+
+async def cancelled_at(task: asyncio.Task[Any], point: int) -> bool:
+    """Cancel `task` when it waits for the `point`th time (1: its first wait); False if it ended before. The loop runs
+    one step of a task a turn, and this looks at every turn."""
+    seen = 0
+    last: Any = None
+    while not task.done():
+        waiting = task._fut_waiter  # type: ignore[attr-defined]  # (asyncio's own: what the task waits for)
+        if waiting is not None and waiting is not last:
+            last = waiting
+            seen += 1
+            if seen == point:
+                task.cancel()
+                return True
+        await asyncio.sleep(0)
+    return False
 
 
 @contextlib.contextmanager

@@ -891,16 +891,8 @@ async def test_a_help_from_her_number_as_her_erasure_ends_leaves_no_reply_with_h
         texted = asyncio.create_task(client.post("/sms/africastalking/inbound", data={
             "date": "2026-01-15 10:00:00", "from": PHONE, "id": "at-help-1", "linkId": "L1", "text": "HELP",
             "to": "12345", "networkCode": "63510"}))
-        for _ in range(200):  # the text waits for her membership (or, unlocked, went through meanwhile)
-            if texted.done():
-                break
-            async with rt.engine.connect() as probe:
-                waiting = (await probe.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"))).scalar_one()
-            if waiting >= 2:
-                break
-            await asyncio.sleep(0.02)
+        # The text waits for her membership (or, unlocked, went through meanwhile).
+        await waiting_for_locks(rt, 2, done=texted)
         await blocker.commit()
     finally:
         await blocker.close()

@@ -18,7 +18,7 @@ from admin_api import routing
 from core import db
 from core.models import AuditEvent, OutboxJob, Payment
 from tests.admin_api.conftest import Caller, payment_body
-from tests.conftest import make_settings
+from tests.conftest import cancelled_at, make_settings
 
 # On PostgreSQL an API payment runs on a Core connection in autocommit (core.db.autocommit, core.pgraw); on SQLite
 # (embedded) in a session, where a request cut while aiosqlite ran one of its writes with RETURNING had left the
@@ -48,23 +48,6 @@ class _Requests:
             return held(maker)
 
         monkeypatch.setattr(routing, "Held", made)
-
-
-async def _cancelled_at(task: asyncio.Task[Any], point: int) -> bool:
-    """Cancel `task` when it waits for the `point`th time (1: its first wait); False if it ended before. The loop runs
-    one step of a task a turn, and this looks at every turn."""
-    seen = 0
-    last: Any = None
-    while not task.done():
-        waiting = task._fut_waiter  # type: ignore[attr-defined]  # (asyncio's own: what the task waits for)
-        if waiting is not None and waiting is not last:
-            last = waiting
-            seen += 1
-            if seen == point:
-                task.cancel()
-                return True
-        await asyncio.sleep(0)
-    return False
 
 
 async def _pool_idle(rt: Any) -> None:
@@ -152,7 +135,7 @@ async def _cut_everywhere(admin: Any, rt: Any, rent: str, extra: dict[str, Any],
         requests.started.clear()
         sent = asyncio.create_task(admin.req("POST", "/v1/payments", json=body))
         await requests.started.wait()
-        cancelled = await _cancelled_at(requests.tasks[-1], point)
+        cancelled = await cancelled_at(requests.tasks[-1], point)
         try:
             answer = await sent
             status = answer.status

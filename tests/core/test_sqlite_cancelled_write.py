@@ -11,12 +11,12 @@ import sqlite3
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from core.db import make_engine, make_sessionmaker
+from tests.conftest import cancelled_at
 
 
 def _write_elsewhere(path: Path) -> float:
@@ -29,22 +29,6 @@ def _write_elsewhere(path: Path) -> float:
     finally:
         other.close()
     return time.monotonic() - started
-
-
-async def _cancelled_at(task: asyncio.Task[Any], point: int) -> bool:
-    """Cancel `task` at its `point`th wait (1: its first); False if it ended or reached its sleep first."""
-    seen = 0
-    last: Any = None
-    while not task.done():
-        waiting = task._fut_waiter  # type: ignore[attr-defined]  # (asyncio's own: what the task waits for)
-        if waiting is not None and waiting is not last:
-            last = waiting
-            seen += 1
-            if seen == point:
-                task.cancel()
-                return True
-        await asyncio.sleep(0)
-    return False
 
 
 @pytest.mark.parametrize("returning", [True, False])
@@ -79,7 +63,7 @@ async def test_a_write_cancelled_in_flight_does_not_keep_the_write_lock(tmp_path
 
             task = asyncio.create_task(write())
             await begun.wait()
-            await _cancelled_at(task, point)
+            await cancelled_at(task, point)
             with suppress(asyncio.CancelledError):
                 await task
             for _ in range(200):  # the connection's shielded close finishes after the task

@@ -253,16 +253,8 @@ async def test_a_stop_and_a_start_taken_at_once_end_in_the_later_ones_state(
         stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
         await waiting_for_locks(rt, 1)
         start = asyncio.create_task(_text(sms_client, "START", "at-2", "2026-01-15 10:00:02"))
-        for _ in range(200):  # the START waits for the STOP (or, unordered, went through meanwhile)
-            if start.done():
-                break
-            async with rt.engine.connect() as probe:
-                waiting = (await probe.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"))).scalar_one()
-            if waiting >= 2:
-                break
-            await asyncio.sleep(0.02)
+        # The START waits for the STOP (or, unordered, went through meanwhile).
+        await waiting_for_locks(rt, 2, done=start)
         await holder.rollback()
     finally:
         await holder.close()
@@ -401,16 +393,8 @@ async def test_a_stop_and_another_text_of_the_number_as_it_joins_another_coopera
                          phone_enc=rt.cipher.encrypt(ALINE, context=phone_context(coop.id)),
                          phone_index=rt.cipher.blind_index(ALINE), phone_masked=normalize(ALINE).masked()))
         help_ = asyncio.create_task(_text(sms_client, "HELP", "at-2", "2026-01-15 10:00:01"))
-        for _ in range(200):  # the HELP waits for the STOP (or went through meanwhile)
-            if help_.done():
-                break
-            async with rt.engine.connect() as probe:
-                waiting = (await probe.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"))).scalar_one()
-            if waiting >= 1:
-                break
-            await asyncio.sleep(0.02)
+        # The HELP waits for the STOP (or went through meanwhile).
+        await waiting_for_locks(rt, 1, done=help_)
     finally:
         go.set()
     results = await asyncio.gather(stop, help_, return_exceptions=True)
