@@ -710,6 +710,58 @@ def number_came_since_rows(phone_index: Any, moment: Any, *, but: Any = None) ->
                    func.coalesce(AuditEvent.after["phoneChange"].as_string(), "NEW_SIM") != "TYPO"))
 
 
+def _phone_change(after: Any) -> str:
+    """The phoneChange of a number correction's member.updated `after` (NEW_SIM for rows from before it was named)."""
+    return str(after.get("phoneChange") or "NEW_SIM") if isinstance(after, dict) else "NEW_SIM"
+
+
+async def number_holder_at(session: AsyncSession, cooperative_id: str, phone_index: str,
+                           moment: datetime) -> str | None:
+    """The cooperative's member who held the number of this blind index at `moment` (a statement line's
+    completedAt: core.recorded_payments), whatever her status now, read back from the number corrections' audit rows
+    as number_came_since reads them: its holder now, unless a NEW_SIM or SWAP after `moment` gave it to her. Then,
+    for a SWAP, the member she swapped with (his own side of it, written in the same transaction: _swap_with), asked
+    the same, back through each swap; for a NEW_SIM the number came from outside the gateway's records (a stranger's, or
+    a member's who released it or moved to another number: only its mask is kept, which two numbers can share) and
+    None is returned, as for a number no member holds. A TYPO gave her the number that was hers all along: it moves
+    nothing (a NEW_SIM typed wrong and corrected by TYPO dates her number from the NEW_SIM). A change at `moment`
+    exactly has given the number already (number_came_since's `at > moment`). Her registration bounds nothing: what
+    her number paid before she registered is taken to be hers, as the SMS and refund checks take it."""
+    holder = (await session.execute(select(Member.id).where(
+        Member.cooperative_id == cooperative_id, Member.phone_index == phone_index))).scalar_one_or_none()
+    if holder is None:
+        return None
+    rows = await _phone_change_rows(session, holder)
+    bound: int | None = None  # each swap gone back through is older than the last: the walk ends
+    while True:
+        got = next((row for row in rows if _phone_change(row.after) != "TYPO"), None)
+        if got is None or got.at <= moment:
+            return holder
+        if _phone_change(got.after) != "SWAP" or got is not rows[0]:
+            return None  # a NEW_SIM (or a swap whose number a TYPO replaced since): no member known to have held it
+        gave, holder = holder, str(got.after.get("swappedWith"))
+        # The other side of that swap (its own row, written in the same transaction: the nearest such row of hers to
+        # it); the changes before it are how she got the number she gave.
+        theirs = await _phone_change_rows(session, holder)
+        sides = [row for row in theirs if _phone_change(row.after) == "SWAP" and row.after.get("swappedWith") == gave]
+        pair = min(sides, key=functools.partial(_apart, got.id), default=None)
+        if pair is None or (bound is not None and pair.id >= bound):
+            return None
+        bound = pair.id
+        rows = [row for row in theirs if row.id < pair.id]
+
+
+def _apart(audit_id: int, row: Any) -> int:
+    """How far the audit row is from the row `audit_id`, in the log's order."""
+    return abs(int(row.id) - audit_id)
+
+
+async def _phone_change_rows(session: AsyncSession, member_id: str) -> list[Any]:
+    """The member's number corrections' audit rows (id, at, after), newest first."""
+    return list((await session.execute(select(AuditEvent.id, AuditEvent.at, AuditEvent.after)
+                                       .where(*phone_changes(member_id)).order_by(AuditEvent.id.desc()))).all())
+
+
 @dataclass(frozen=True)
 class _Hers:
     """Whose records an erasure clears: the member's, and while she holds a number (index, None once released)

@@ -19,7 +19,7 @@ from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, table_of, utcnow
 from core.errors import DUPLICATE_REFERENCE, INVALID_STATE, PROVIDER_REFUSED, Conflict, NotFound, ValidationError
-from core.members import ERASED_MASK
+from core.members import ERASED_MASK, number_holder_at
 from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs
@@ -43,8 +43,6 @@ from core.payments import (
     get_by_reference,
     keyed_request_hash,
     load_context,
-    payer_index_guess,
-    paying_member,
 )
 from core.ports import REQUEST_UNKNOWN, EventKind, ProviderOutcome, amount_rule_refusal
 from core.provider_events import _AFTER_VOID, GIVEN_UP, _apply_outcome, _closed_hint, _Moved, _notices, event_data
@@ -340,6 +338,8 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     (payment.completed: a recorded payment is news to it too) and, if asked, the payer sent the receipt. With a
     callback that matched no payment (`callback_id`), that callback is resolved with the note in the same
     transaction. A replayed idempotency key answers the payment it made; another request under it is a Conflict.
+    Naming no member, a wallet number's line is the payment of the member who held the number when the money was
+    taken (core.members.number_holder_at), not of its holder now.
 
     Refused: what create_payment refuses for the same fields, a statement time in the future or older than
     RECORDED_PAYMENT_MAX_AGE_DAYS (check_recorded_age), a transaction id a payment of the provider holds
@@ -361,8 +361,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     if line.completed_at is None:
         raise ValidationError("completedAt is required: when the statement shows the money taken", field="completedAt")
     check_statement_time(line.completed_at, None)
-    guess = payer_index_guess(rt.cipher, new.method, new.account) if new.account and _found_by_account(new) else None
-    context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id, payer_index=guess)
+    context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id)
     coop, ptype = context.coop, context.ptype
     if coop is None or coop.status != "ACTIVE":
         raise NotFound("cooperative not found")
@@ -375,7 +374,10 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     digest = _line_digest(line, amount, account, txn, note)
     member_id, erased = new.member_id, False
     if account is not None and _found_by_account(new):
-        member_id = await paying_member(session, context, coop.id, rt.cipher.blind_index(account))
+        # The number's holder when the money was taken, not now: a line from before a NEW_SIM or SWAP gave the number
+        # to her is not hers (it counted her period paid, and left unpaid the member who paid), whatever the status
+        # of the one who held it (suspended since, erased: below).
+        member_id = await number_holder_at(session, coop.id, rt.cipher.blind_index(account), line.completed_at)
     if member_id is not None:
         # Her row first (FOR KEY SHARE, which the payment's insert takes for its member_id anyway), before the id's
         # lock: the order a callback completing a payment of hers takes them in (her row when it takes any, her
@@ -559,13 +561,15 @@ async def _callback_to_account_for(session: AsyncSession, callback_id: str, prov
 
 async def _audit_recorded(session: AsyncSession, payment: Payment, line: StatementLine, note: str,
                           actor: Actor) -> None:
-    """payment.recorded (the statement line and the admin's note), then payment.completed, which every payment's
-    completion writes (the reconciliation reads when a completion was recorded from it: core.reports)."""
+    """payment.recorded (the statement line, the member it was recorded for and the admin's note: named, or the
+    number's holder at completedAt), then payment.completed, which every payment's completion writes (the
+    reconciliation reads when a completion was recorded from it: core.reports)."""
     money = {"amount": payment.amount_minor, "currency": payment.currency, "method": payment.method,
              "providerTransactionId": payment.provider_transaction_id, "completedAt": iso_z(payment.completed_at)}
     await record(session, actor=actor, action="payment.recorded", entity_type="payment", entity_id=payment.id,
                  after={"status": P.COMPLETED.value, "reference": payment.reference, "note": note, **money,
-                        "callbackId": line.callback_id, "sendReceipt": line.send_receipt,
+                        "memberId": payment.member_id, "callbackId": line.callback_id,
+                        "sendReceipt": line.send_receipt,
                         "gatewayReference": None if request_unknown(payment) else payment.provider_reference},
                  cooperative_id=payment.cooperative_id)
     await record(session, actor=actor, action=f"{PAYMENT.name}.{P.COMPLETED.value.lower()}", entity_type="payment",

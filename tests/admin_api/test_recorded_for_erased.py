@@ -97,7 +97,7 @@ async def test_a_line_whose_number_found_her_as_she_was_erased_keeps_no_number(
     import core.recorded_payments as recorded_payments
 
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
-    found = recorded_payments.paying_member
+    found = recorded_payments.number_holder_at
 
     async def erased_meanwhile(*args: Any, **kwargs: Any) -> Any:
         member_id = await found(*args, **kwargs)
@@ -105,7 +105,7 @@ async def test_a_line_whose_number_found_her_as_she_was_erased_keeps_no_number(
         await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
         return member_id
 
-    monkeypatch.setattr(recorded_payments, "paying_member", erased_meanwhile)
+    monkeypatch.setattr(recorded_payments, "number_holder_at", erased_meanwhile)
     done = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, None))
     assert (done["memberId"], done["paymentAccount"]) == (jeanne["id"], "erased")
     await _no_number_on(rt, done["id"])
