@@ -726,16 +726,26 @@ async def number_holder_at(session: AsyncSession, cooperative_id: str, phone_ind
     None is returned, as for a number no member holds. A TYPO gave her the number that was hers all along: it moves
     nothing (a NEW_SIM typed wrong and corrected by TYPO dates her number from the NEW_SIM). A change at `moment`
     exactly has given the number already (number_came_since's `at > moment`). Her registration bounds nothing: what
-    her number paid before she registered is taken to be hers, as the SMS and refund checks take it."""
-    holder = (await session.execute(select(Member.id).where(
-        Member.cooperative_id == cooperative_id, Member.phone_index == phone_index))).scalar_one_or_none()
-    if holder is None:
+    her number paid before she registered is taken to be hers, as the SMS and refund checks take it, unless another
+    member of the cooperative let a number of its mask go (released, erased, moved to a NEW_SIM) after `moment` and
+    before she got it (_let_go_between): then the line may be that member's, and None is returned (the mask is all the
+    audit keeps: it does not tell, and a wrong member is not guessed)."""
+    found = (await session.execute(select(Member.id, Member.created_at, Member.phone_masked).where(
+        Member.cooperative_id == cooperative_id, Member.phone_index == phone_index))).first()
+    if found is None:
         return None
+    holder, registered, mask = str(found.id), found.created_at, found.phone_masked
     rows = await _phone_change_rows(session, holder)
     bound: int | None = None  # each swap gone back through is older than the last: the walk ends
     while True:
         got = next((row for row in rows if _phone_change(row.after) != "TYPO"), None)
-        if got is None or got.at <= moment:
+        if got is not None and got.at <= moment:
+            return holder
+        if got is None:
+            # Hers since she registered (or since a TYPO there gave it): before that, no correction says whose it was.
+            since = rows[0].at if rows else registered
+            if since > moment and await _let_go_between(session, cooperative_id, mask, moment, since, but=holder):
+                return None
             return holder
         if _phone_change(got.after) != "SWAP" or got is not rows[0]:
             return None  # a NEW_SIM (or a swap whose number a TYPO replaced since): no member known to have held it
@@ -749,6 +759,44 @@ async def number_holder_at(session: AsyncSession, cooperative_id: str, phone_ind
             return None
         bound = pair.id
         rows = [row for row in theirs if row.id < pair.id]
+        registered = (await session.execute(select(Member.created_at).where(Member.id == holder))).scalar_one()
+
+
+_LET_GO = ("member.phone_released", "member.updated", "member.erased")
+
+
+async def _let_go_between(session: AsyncSession, cooperative_id: str, mask: str | None, after: datetime,
+                          until: datetime, *, but: str) -> bool:
+    """Whether a member of the cooperative (not `but`) let a number of this mask go in (`after`, `until`]: released
+    it, moved from it to a NEW_SIM, or was erased holding it (her number's mask read from her last audit row naming
+    one; one released before her erasure let it go at its release). One query on the cooperative's audit rows of
+    those actions in that span (ix_audit_events_coop_action), and one per member erased in it."""
+    if not mask:
+        return True  # nothing to compare with: not known
+    rows = (await session.execute(
+        select(AuditEvent.id, AuditEvent.entity_id, AuditEvent.action, AuditEvent.before, AuditEvent.after)
+        .where(AuditEvent.cooperative_id == cooperative_id, AuditEvent.action.in_(_LET_GO),
+               AuditEvent.at > after, AuditEvent.at <= until, AuditEvent.entity_type == "member",
+               AuditEvent.entity_id != but,
+               or_(AuditEvent.action != "member.updated", AuditEvent.after["phone"].as_string().is_not(None))))).all()
+    for row in rows:
+        before = row.before if isinstance(row.before, dict) else {}
+        if row.action == "member.phone_released" and before.get("phone") == mask:
+            return True
+        if row.action == "member.updated" and _phone_change(row.after) == "NEW_SIM" and before.get("phone") == mask:
+            return True
+        if row.action == "member.erased":
+            last = (await session.execute(
+                select(AuditEvent.action, AuditEvent.after).where(
+                    AuditEvent.entity_type == "member", AuditEvent.entity_id == row.entity_id,
+                    AuditEvent.action.in_(("member.created", "member.updated", "member.phone_released")),
+                    AuditEvent.id < row.id, AuditEvent.after["phone"].as_string().is_not(None))
+                .order_by(AuditEvent.id.desc()).limit(1))).first()
+            if last is None or not isinstance(last.after, dict):
+                return True  # her number not known: it may be this one
+            if last.action != "member.phone_released" and last.after.get("phone") == mask:
+                return True  # (released before: that release let it go, not her erasure)
+    return False
 
 
 def _apart(audit_id: int, row: Any) -> int:

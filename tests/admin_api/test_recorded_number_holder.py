@@ -146,3 +146,55 @@ async def test_the_holder_then_is_found_whatever_her_status_now(rt: Any, admin: 
         row = await s.get(Payment, his["id"])
         assert row is not None
         assert (row.payment_account_enc, row.payment_account_index, row.request_hash) == ("", "", "")
+
+
+async def test_a_line_from_before_a_number_was_released_is_not_its_next_holders(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """Jean left: suspended, his number released; Paul registered later with that number. A line from when Jean held
+    it is not Paul's (it counted Paul's period paid with Jean's money): the audit shows a member of the cooperative
+    letting a number of that mask go after the line, so who held it then is not known by the number: no member, as
+    for a NEW_SIM. A line from after Paul registered is his."""
+    jean = await _member(admin, "Jean Habimana", JEAN)
+    await admin.json("DELETE", f"/v1/members/{jean}", 200)
+    await admin.json("POST", f"/v1/members/{jean}/release-phone", 200)
+    paul = await _member(admin, "Paul Mugisha", JEAN)
+    before = await _recorded(admin, demo, JEAN, TWO_DAYS_AGO)
+    since = await _recorded(admin, demo, JEAN, utcnow())
+    assert (before["memberId"], since["memberId"]) == (None, paul)
+    assert await _stored(rt, before["id"]) == (None, None)
+    assert await _history(admin, paul) == [since["id"]]
+
+
+async def test_a_line_from_before_its_holder_moved_to_a_new_sim_is_not_the_next_registered(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """Jean moved to a new SIM; Paul registered later with Jean's old number: a line from before is not Paul's."""
+    jean = await _member(admin, "Jean Habimana", JEAN)
+    await _change(rt, admin, jean, NEW, "NEW_SIM")
+    paul = await _member(admin, "Paul Mugisha", JEAN)
+    before = await _recorded(admin, demo, JEAN, TWO_DAYS_AGO)
+    assert before["memberId"] is None
+    assert await _history(admin, paul) == []
+
+
+async def test_a_line_from_before_its_holder_was_erased_is_not_the_next_registered(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """Jean was erased (his number let go with no release of its own); Paul registered later with it."""
+    jean = await _member(admin, "Jean Habimana", JEAN)
+    await admin.json("DELETE", f"/v1/members/{jean}", 200)
+    await admin.json("POST", f"/v1/members/{jean}/erase", 200)
+    paul = await _member(admin, "Paul Mugisha", JEAN)
+    before = await _recorded(admin, demo, JEAN, TWO_DAYS_AGO)
+    assert before["memberId"] is None
+    assert await _history(admin, paul) == []
+
+
+async def test_a_line_from_before_its_holder_registered_is_still_hers_when_no_number_was_let_go(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A member imported (or registered) after the line, her number let go by nobody since: the line is hers. A number
+    let go before the line does not count, nor one of another cooperative's member."""
+    jean = await _member(admin, "Jean Habimana", MARIE)
+    await admin.json("DELETE", f"/v1/members/{jean}", 200)
+    await admin.json("POST", f"/v1/members/{jean}/release-phone", 200)  # another number, another mask
+    paul = await _member(admin, "Paul Mugisha", JEAN)
+    before = await _recorded(admin, demo, JEAN, TWO_DAYS_AGO)
+    assert before["memberId"] == paul
