@@ -544,12 +544,14 @@ class SmsJobs:
 
     async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str, *, sent: bool = False,
                       lease: Job | None = None) -> Any:
-        """Build and store the message (QUEUED), or read the one another run stored. A keyword's reply
-        (_needs_lease) sent by a worker's run (`lease`: its job, claimed) is stored only while that run still holds
-        its job (_insert_leased): a run whose lease lapsed before it stored its reply, judged still true, stored and
-        sent it after the run holding the job had ended it unsent and given its count back (her STOP's reply
-        switched since: "no more reminders" read last while her START had turned them back on; or a job parked and
-        discarded). Such a run stores nothing (RetryLater, whose outcome the worker drops)."""
+        """Build and store the message (QUEUED), or read the one another run stored. A message sent by a worker's
+        run (`lease`: its job, claimed) is stored only while that run still holds its job (_insert_leased): a run
+        whose lease lapsed before it stored its message (a worker stalled past it), its checks passed, stored and
+        sent it after the run holding the job had ended it unsent (her STOP's reply switched since, and its count
+        given back: "no more reminders" read last while her START had turned them back on; a receipt whose payment
+        was voided since), or the job was parked and discarded; and it sent a second copy of the message the run
+        holding the job had stored and was sending (it found that row QUEUED). Such a run stores and sends nothing
+        (RetryLater, whose outcome the worker drops), whatever row it finds."""
         rt = self.rt
         phone, language, body = await self._build(conn, payload, sent=sent)
         size = measure(body)
@@ -573,7 +575,7 @@ class SmsJobs:
             "updated_at": now,
         }
         held = not sent and bool(payload.get("member_id")) and not payload.get("phone_enc")
-        leased = not sent and lease is not None and lease.locked_by is not None and _needs_lease(payload)
+        leased = not sent and lease is not None and lease.locked_by is not None
         if leased:
             assert lease is not None
             row = await _first(conn, _insert_leased(conn.dialect.name, tuple(values), held),
@@ -586,13 +588,17 @@ class SmsJobs:
         if row is not None:
             metrics.SMS.labels(status="QUEUED").inc()  # by the run whose insert stored it: once a message
             return row
+        if leased:
+            # This run no longer holds its job: the run that holds it decides, and a row found now is that run's
+            # (still QUEUED while it sends it: sent here too, she got two). Or her number changed as it was built
+            # (held), or a row stored by a run outside the lease (a release before this one): the job's next
+            # attempt builds it again, or finds that row.
+            raise RetryLater(1, "message not stored: this run no longer holds its job, or her number changed")
         # Another run inserted it first (ON CONFLICT DO NOTHING returns no row), and counted it; or her number is
-        # no longer hers (erased, released or corrected since the build read it): built again, from what is now;
-        # or this run no longer holds its job (leased): the run that holds it decides.
+        # no longer hers (erased, released or corrected since the build read it): built again, from what is now.
         row = await _first(conn, _BY_KEY, {"k": key})
         if row is None:
             raise RetryLater(1, "the member's number changed as the message was built: built again" if held
-                             else "this run no longer holds its job: its reply not stored" if leased
                              else "message row neither inserted nor found")
         return row
 
@@ -854,13 +860,6 @@ def _insert_held(dialect_name: str, columns: tuple[str, ...]) -> Any:
             .with_for_update(read=True, key_share=True))
     return (insert_ignore(dialect_name, _SMS).from_select(list(columns), select(*given.values()).where(held.exists()))
             .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_COLUMNS))
-
-
-def _needs_lease(payload: dict[str, Any]) -> bool:
-    """Whether an 'sms.send' of `payload` stores its message only while its run holds the job (_insert_leased): a
-    keyword's reply counted against the number's reply limits (COUNTED_AT: given back when it is not sent), or a
-    reply to STOP or START (not sent once she switched since). Few: the bulk (receipts) pays no lease probe."""
-    return payload.get("template") in SWITCH_REPLIES or COUNTED_AT in (payload.get("context") or {})
 
 
 @functools.cache
