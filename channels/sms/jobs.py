@@ -39,7 +39,14 @@ from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, n
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
-from channels.sms.routes import COUNTED_AT, STATUS_REPLY_TEMPLATES, apply_parked_reports, give_back_reply, parked_key
+from channels.sms.routes import (
+    COUNTED_AT,
+    GIVE_BACK_JOB,
+    STATUS_REPLY_TEMPLATES,
+    apply_parked_reports,
+    give_back_reply,
+    parked_key,
+)
 from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
@@ -785,8 +792,8 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
 # 'sms.send' job only ({"job_id"}), whose payload says whose count and which (read when it runs: an erasure in between
 # takes her number off that job, and the count stays). One per 'sms.send' job, whichever way queued it (its dedupe
 # key), and the count given back once however often it runs (give_back_reply: its mark in Redis, which the route's
-# own give-back of the same reply shares).
-GIVE_BACK_JOB = "sms.give_back"
+# own give-back of the same reply shares). The route queues one too, with the text's transaction, for a STOP or START
+# that queued no reply (channels.sms.routes.give_back_job: its payload names the number and the count, not a job).
 
 
 def _give_back_jobs(job_id: int, payload: dict[str, Any], cooperative_id: str | None) -> list[NewJob]:
@@ -814,23 +821,34 @@ async def give_back_unsent(rt: Runtime, job: Job) -> None:
     Skipped (switched since, discarded), or none stored (a message is sent only once stored), as whatever queued the
     job found it; a message that says otherwise (sent) keeps its count. Nor when Africa's Talking may have it after
     all: its answer kept for it (message_keys) means a send went out before PostgreSQL was restored to a point before
-    its row. Redis away (redis_away): tried again later without using an attempt, as a send waits for it; another
-    Redis error uses one."""
-    async with rt.sessionmaker() as session:
-        reply = await session.get(OutboxJob, int(job.payload["job_id"]))
+    its row. The route's job (channels.sms.routes.give_back_job: a STOP or START that queued no reply) is asked the
+    same of the reply its key names, but for a retry's own count (`own`), which is not that reply's. Redis away
+    (redis_away): tried again later without using an attempt, as a send waits for it; another Redis error uses one."""
+    if "job_id" in job.payload:
+        async with rt.sessionmaker() as session:
+            reply = await session.get(OutboxJob, int(job.payload["job_id"]))
         payload = (reply.payload if reply is not None else None) or {}
         if not payload:
             return
-        stored = (await session.execute(_GIVEN_BACK_ROW, {"k": message_key(payload)})).first()
-    if stored is not None and tuple(stored) != (SmsStatus.FAILED.value, SKIPPED):
-        log.warning("a reply's count is not given back: its message was not skipped",
-                    extra={"job_id": job.id, "status": stored[0], "provider_status": stored[1]})
-        return
-    _, kept = message_keys(message_key(payload))
-    try:
-        if await rt.hot_redis.get(kept) is not None:
+        key, own = message_key(payload), False
+    else:
+        payload, key, own = job.payload, message_key(job.payload), bool(job.payload.get("own"))
+    if not own:
+        async with rt.sessionmaker() as session:
+            stored = (await session.execute(_GIVEN_BACK_ROW, {"k": key})).first()
+        if stored is not None and tuple(stored) != (SmsStatus.FAILED.value, SKIPPED):
+            log.warning("a reply's count is not given back: its message was not skipped",
+                        extra={"job_id": job.id, "status": stored[0], "provider_status": stored[1]})
             return
-        await _give_back(rt, payload)
+    _, kept = message_keys(key)
+    try:
+        if not own and await rt.hot_redis.get(kept) is not None:
+            return
+        if "job_id" in job.payload:
+            await _give_back(rt, payload)
+        else:
+            await give_back_reply(rt, str(payload["index"]), key, float(payload[COUNTED_AT]),
+                                  str(payload.get("template")), best_effort=False)
     except RedisError as exc:
         if not redis_away(exc):
             raise

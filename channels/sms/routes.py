@@ -27,6 +27,7 @@ from core.db import autocommit, utcnow
 from core.members import number_came_since, number_history, set_number_opt_out
 from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
+from core.outbox import NewJob, enqueue_job
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter, clock
 from core.references import REFERENCE_SHAPE
@@ -613,12 +614,20 @@ async def inbound(request: web.Request) -> web.Response:
                 phone=phone,  # to the number that texted, whatever number the membership holds when it is sent
                 dedupe=dedupe,
             )
-    if switch and not retried:
-        await _mark_taken(rt, index, inbound_id)  # once committed: a retry of a text not taken still applies it
-    if switch and counted_at is not None and ((retried and counted) or stale):
         # Counted, and no reply queued. A retry of a text taken already gives back only a count it made itself: the
         # count its first try made is that try's reply's (queued, or given back by it).
-        await give_back_reply(rt, index, dedupe, counted_at, template)
+        give_back = switch and counted_at is not None and ((retried and counted) or stale)
+        if give_back:
+            # By a GIVE_BACK_JOB committed with the text (retried until Redis takes it): given back only after the
+            # commit, in this request, a process lost or Redis failing in between left it counted for good.
+            await enqueue_job(session, give_back_job(index, dedupe, cast(float, counted_at), template,
+                                                     own=retried))
+    if switch and not retried:
+        await _mark_taken(rt, index, inbound_id)  # once committed: a retry of a text not taken still applies it
+    if give_back:
+        # At once too (best effort), so her next text is not refused by a count the job gives back moments later;
+        # given back once however both go (give_back_reply's mark).
+        await give_back_reply(rt, index, dedupe, cast(float, counted_at), template)
     if not reply_allowed:
         return web.Response(text="")
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
@@ -784,6 +793,22 @@ def _counted_at(kept: bytes | str | None) -> float | None:
         return None if kept is None else float(kept)
     except ValueError:
         return None
+
+
+# The outbox job that gives back the count of a keyword's reply not sent (channels.sms.jobs.give_back_unsent): queued
+# with the reply's end by the worker or a discard (naming the reply's 'sms.send' job), or with the text's transaction
+# here, for a STOP or START that queued no reply (give_back_job).
+GIVE_BACK_JOB = "sms.give_back"
+
+
+def give_back_job(index: str, key: str, counted_at: float, template: str, *, own: bool) -> NewJob:
+    """The GIVE_BACK_JOB of a text whose reply was counted at `counted_at` against the number's (`index`) reply limits
+    and not queued (a stale STOP or START; or a retry of one taken already that counted again, `own`: that count is
+    the retry's own, given back whatever became of the reply its first try queued). `key`: the reply's dedupe key,
+    which the reply's own give-back shares (one mark: given back once). One per text (its dedupe key), of no
+    cooperative: a STOP is the number's, and no cooperative sees one sent elsewhere."""
+    payload = {"index": index, "key": key, COUNTED_AT: counted_at, "template": template, "own": own}
+    return NewJob(GIVE_BACK_JOB, payload, dedupe_key=f"{GIVE_BACK_JOB}:{key}")
 
 
 async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float, template: str, *,
