@@ -63,7 +63,8 @@ HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
 # a reply gives its count back (give_back_reply), else a member switching a few times found her next keyword refused
 # a reply though she got fewer than the limit; and so does any keyword's reply an admin discards, parked, never handed
 # to the aggregator (channels.sms.jobs.fail_for_discard). A reply queued and not sent gives it back through an outbox
-# job of its own (channels.sms.jobs.GIVE_BACK_JOB), committed with the reply's end. Its context keeps
+# job of its own (GIVE_BACK_JOB), committed with the reply's end; a text whose reply is not queued (stale), with the
+# text (give_back_job). Its context keeps
 # when it was counted (clock()): the windows it counted in: this try's count, or an earlier try's (the aggregator's
 # retry after our 503), kept with the text's verdict (_reply_allowed); not one an earlier release's try made, which
 # kept no time.
