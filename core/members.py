@@ -51,7 +51,7 @@ from core.models import (
     WebhookDelivery,
 )
 from core.notify import SMS_PHONE_CONTEXT, send_sms
-from core.outbox import DISCARDED, LIVE, SMS_KIND
+from core.outbox import DISCARDED, LIVE, SMS_GIVE_BACK_KIND, SMS_KIND
 from core.phone import Phone
 from core.state import StaleTransition, transition
 from core.state.dispute import DISPUTE
@@ -1141,6 +1141,7 @@ async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -
     await _hold_back_queued(session, of_hers, ERASED_SMS_REASON, actor=actor)
     await _erase_jobs_numbers(session, (await session.execute(
         select(SmsMessage.idempotency_key).where(of_hers))).scalars().all(), hers.member_id)
+    await _erase_give_backs_index(session, hers)
     done = await session.execute(
         update(SmsMessage).where(of_hers)
         .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
@@ -1170,6 +1171,21 @@ async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str], member
     for job in found:
         if (job.payload or {}).get("phone_enc") is not None:
             job.payload = {**job.payload, "phone_enc": None}
+    await session.flush()
+
+
+async def _erase_give_backs_index(session: AsyncSession, hers: _Hers) -> None:
+    """The number's blind index that the inbound route's give-back jobs carry (channels.sms.routes.give_back_job: a
+    STOP or START she texted that queued no reply; of no cooperative, as her texts' SMS rows): cleared as her SMS
+    rows' is, from the texts sent since she got the number. A DONE one is kept RETENTION_OUTBOX_DONE_DAYS; one not
+    run yet gives nothing back (the count stays, as for the worker's give-back once her number is off its reply)."""
+    if hers.index is None:
+        return
+    jobs = (await session.execute(select(OutboxJob).where(
+        OutboxJob.kind == SMS_GIVE_BACK_KIND, OutboxJob.payload["index"].as_string() == hers.index,
+        OutboxJob.created_at >= hers.since))).scalars().all()
+    for job in jobs:
+        job.payload = {**job.payload, "index": ""}
     await session.flush()
 
 

@@ -983,6 +983,9 @@ OWN_SUBJECT = {"payment.collect": "payment", "payment.poll": "payment", "refund.
                "refund.poll": "refund", "payment.contested": "payment", "payment.watch": "payment"}
 # ...an SMS's in its message context (core.notify.sms_job: a receipt's {"payment_id"}, a refund's {"refund_id"})...
 SMS_KIND = "sms.send"
+# The job giving back a keyword reply's count (channels.sms.routes.GIVE_BACK_JOB); the route's names the number's blind
+# index in its payload ("index"), which a member's erasure clears (core.members).
+SMS_GIVE_BACK_KIND = "sms.give_back"
 # ...and a webhook event's (and each of its deliveries') in its event id, as core.notify.notice_jobs makes it:
 # evt_<type with "_">_<the entity's id>, or core.provider_events' evt_<type>_<payment id>_<16 hex> (a flag's, a
 # review's, reported money's). The event job's id is the one made, never the stored digest; a delivery's is the

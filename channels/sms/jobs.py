@@ -833,6 +833,8 @@ async def give_back_unsent(rt: Runtime, job: Job) -> None:
         key, own = message_key(payload), False
     else:
         payload, key, own = job.payload, message_key(job.payload), bool(job.payload.get("own"))
+        if not payload.get("index"):
+            return  # the number's index cleared by an erasure (core.members): the count stays
     if not own:
         async with rt.sessionmaker() as session:
             stored = (await session.execute(_GIVEN_BACK_ROW, {"k": key})).first()

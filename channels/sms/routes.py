@@ -27,7 +27,7 @@ from core.db import autocommit, utcnow
 from core.members import number_came_since, number_history, set_number_opt_out
 from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
-from core.outbox import NewJob, enqueue_job
+from core.outbox import SMS_GIVE_BACK_KIND, NewJob, enqueue_job
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter, clock
 from core.references import REFERENCE_SHAPE
@@ -799,7 +799,7 @@ def _counted_at(kept: bytes | str | None) -> float | None:
 # The outbox job that gives back the count of a keyword's reply not sent (channels.sms.jobs.give_back_unsent): queued
 # with the reply's end by the worker or a discard (naming the reply's 'sms.send' job), or with the text's transaction
 # here, for a STOP or START that queued no reply (give_back_job).
-GIVE_BACK_JOB = "sms.give_back"
+GIVE_BACK_JOB = SMS_GIVE_BACK_KIND
 
 
 def give_back_job(index: str, key: str, counted_at: float, template: str, *, own: bool) -> NewJob:

@@ -186,3 +186,26 @@ async def test_her_session_that_chose_another_cooperative_before_she_was_suspend
     await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
     assert await rt.redis.exists(session_key("africastalking", sessions["Other Coop"])) == 1
     assert await rt.redis.exists(session_key("africastalking", sessions["Kigali Heights"])) == 0
+
+
+async def test_the_give_back_job_of_her_stale_stop_loses_her_numbers_index_when_she_is_erased(
+        rt: Any, client: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """A STOP she texted before her START (stale: no reply) gives its count back by an 'sms.give_back' job whose
+    payload names her number's blind index (the Redis keys' name). Her erasure clears that index on her SMS rows;
+    the job's went on naming it until the job was pruned (RETENTION_OUTBOX_DONE_DAYS)."""
+    await start_simulator(aiohttp_server, rt)
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    for text, message_id, date in (("START", "in-2", "2026-01-15 10:00:05"), ("STOP", "in-1", "2026-01-15 10:00:00")):
+        texted = await client.post("/sms/africastalking/inbound", data={
+            "from": PHONE, "to": "COOPPAY", "text": text, "id": message_id, "date": date})
+        assert texted.status == 200
+    await drain(worker)
+    index = rt.cipher.blind_index(PHONE)
+    async with rt.sessionmaker() as s:
+        [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.give_back"))).scalars().all()
+    assert job.status == "DONE" and job.payload["index"] == index  # as queued, and run
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.give_back"))).scalars().all()
+    assert index not in str(job.payload), job.payload
