@@ -7,11 +7,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from channels.sms.jobs import message_key, message_keys
 from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender
 from channels.sms.simulator import STATE, SimulatorState, create_simulator
 from core.config import Secret
+from core.db import utcnow
 from core.models import Cooperative, OutboxJob, Payment, PaymentType
 from core.outbox import Job
 
@@ -95,6 +97,15 @@ async def make_payment(
 async def cooperative(rt: Any, cooperative_id: str) -> Cooperative:
     async with rt.sessionmaker() as session:
         return await session.get(Cooperative, cooperative_id)
+
+
+async def lapse(rt: Any, job: Job) -> None:
+    """A run of 'sms.send' `job` stalled past its lease (due again: another worker claims it) and its send lock
+    (gone)."""
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
+            run_at=utcnow() - timedelta(seconds=1)))
+    await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
 
 
 async def jobs_of(rt: Any, kind: str) -> list[OutboxJob]:

@@ -5,17 +5,15 @@ only while its run holds its job (channels.sms.jobs._insert_leased)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs, message_key, message_keys
-from core.db import utcnow
-from core.models import OutboxJob, SmsMessage
+from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
+from core.models import SmsMessage
 from core.outbox import PermanentJobError
 from tests.admin_api.conftest import bearer
-from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.helpers import jobs_of, lapse
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE
 from tests.conftest import drain, early_in_window
@@ -46,10 +44,7 @@ async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothi
     [job] = await first.claim()
     run_a = asyncio.create_task(first.run_job(job))
     await asyncio.wait_for(stalled.wait(), 30)
-    async with rt.sessionmaker.begin() as session:  # A's lease lapses, and so does its send lock
-        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
-            run_at=utcnow() - timedelta(seconds=1)))
-    await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    await lapse(rt, job)  # A's lease lapses, and so does its send lock
     await drain(worker)  # run B
     assert (await jobs_of(rt, "sms.send"))[0].status == "PARKED"
     admin = await bearer(sms_client, *demo["admin"])

@@ -7,18 +7,16 @@ receipt a second time while the run holding the job sent it (two copies)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from channels.sms.jobs import SmsJobs, message_key, message_keys
-from core.db import utcnow
-from core.models import OutboxJob, Payment, SmsMessage
+from channels.sms.jobs import SmsJobs
+from core.models import Payment, SmsMessage
 from core.outbox import PermanentJobError
 from tests.admin_api.conftest import bearer
-from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.helpers import jobs_of, lapse
 from tests.channels.sms.test_send_faults import ALINE, queue_receipt
 from tests.conftest import drain
 
@@ -44,10 +42,7 @@ async def _stall_run_a(rt: Any, monkeypatch: Any, then: Any) -> tuple[asyncio.Ta
     [job] = await first.claim()
     run_a = asyncio.create_task(first.run_job(job))
     await asyncio.wait_for(stalled.wait(), 30)
-    async with rt.sessionmaker.begin() as session:
-        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
-            run_at=utcnow() - timedelta(seconds=1)))
-    await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    await lapse(rt, job)  # A's lease lapses, and so does its send lock
     return run_a, go, job
 
 

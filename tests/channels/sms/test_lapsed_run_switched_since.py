@@ -5,16 +5,14 @@ START taken since and ended the job with the reply's give-back (switched_since, 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs, message_key, message_keys
+from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
 from channels.sms.templates import render
-from core.db import utcnow
-from core.models import OutboxJob, SmsMessage
-from tests.channels.sms.helpers import jobs_of
+from core.models import SmsMessage
+from tests.channels.sms.helpers import jobs_of, lapse
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
 from tests.conftest import drain, early_in_window
@@ -45,10 +43,7 @@ async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_
     [job] = await first.claim()
     run_a = asyncio.create_task(first.run_job(job))
     await asyncio.wait_for(stalled.wait(), 30)
-    async with rt.sessionmaker.begin() as session:  # A's lease lapses, and so does its send lock
-        await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
-            run_at=utcnow() - timedelta(seconds=1)))
-    await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    await lapse(rt, job)  # A's lease lapses, and so does its send lock
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await drain(worker)  # run B (switched since, nothing stored: DONE, its give-back queued), the START's reply
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
