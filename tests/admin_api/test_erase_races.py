@@ -277,8 +277,8 @@ async def test_a_receipt_built_as_she_is_erased_is_neither_stored_with_her_numbe
         return message
 
     monkeypatch.setattr(jobs, "_build", erased_meanwhile)
-    with pytest.raises(RetryLater, match="number changed as the message was built"):
-        await jobs.send(job)  # not stored: built again at its next attempt
+    with pytest.raises(RetryLater, match="or her number changed"):
+        await jobs.send(job)  # not stored (held to her number): built again at its next attempt
     monkeypatch.setattr(jobs, "_build", built)
     await jobs.send(job)  # her number is gone: not sent
     assert sim.requests == []
