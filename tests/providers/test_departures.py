@@ -998,7 +998,6 @@ async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
     starts: not sent (NOT_SENT), the poll tried again. Its last attempt so used up, it was parked with that bare
     error; now it says what a person does (replay it, or record the outcome), as every other parked refund poll
     does."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
     note = core_jobs.refund_note
 
     async def slow_note(*args: Any) -> str:
@@ -1013,6 +1012,9 @@ async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
 
     wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", late_not_found)
     refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-resend-late")
+    # The poll's call deadline, from here: the submission before it had the usual one (given this one, a slow host
+    # left the refund PENDING, its submission's own call past 1 s).
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
     async with rt.sessionmaker.begin() as s:  # its 29 tries before failed so
         await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=29))
     await drain(worker)
@@ -1029,7 +1031,6 @@ async def test_a_refund_polls_status_lookup_has_the_calls_deadline(
     """The status lookup before a resend had no deadline of its own: the worker cut it off (INTERRUPTED), and so
     parked it on its last attempt. It has the call's deadline now, as the resend after it: unanswered by then, it
     is a failed lookup, retried, and on the poll's last attempt parked saying what a person does."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
     asked: list[str] = []
 
     async def unanswered(_request: httpx.Request) -> httpx.Response:
@@ -1039,6 +1040,9 @@ async def test_a_refund_polls_status_lookup_has_the_calls_deadline(
 
     wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", unanswered)
     refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-lookup-late")
+    # The poll's call deadline, from here: the submission before it had the usual one (given this one, a slow host
+    # left the refund PENDING, its submission's own call past 1 s).
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
     async with rt.sessionmaker.begin() as s:  # its 28 tries before failed so
         await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=28))
     await worker.run_once()
