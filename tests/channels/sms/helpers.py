@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -99,13 +100,21 @@ async def cooperative(rt: Any, cooperative_id: str) -> Cooperative:
         return await session.get(Cooperative, cooperative_id)
 
 
-async def lapse(rt: Any, job: Job) -> None:
-    """A run of 'sms.send' `job` stalled past its lease (due again: another worker claims it) and its send lock
-    (gone)."""
+async def stalled_run(rt: Any, stalled: asyncio.Event) -> tuple[asyncio.Task[None], Job]:
+    """Run A of the one 'sms.send' job due: claimed by a worker of its own and run until it sets `stalled` (a patched
+    build stalling there), then stalled past its lease (due again: another worker claims it) and its send lock (gone).
+    (run A's task, its job)"""
+    from app import create_worker
+
+    first = create_worker(rt)
+    [job] = await first.claim()
+    run_a = asyncio.create_task(first.run_job(job))
+    await asyncio.wait_for(stalled.wait(), 30)
     async with rt.sessionmaker.begin() as session:
         await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
             run_at=utcnow() - timedelta(seconds=1)))
     await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    return run_a, job
 
 
 async def jobs_of(rt: Any, kind: str) -> list[OutboxJob]:

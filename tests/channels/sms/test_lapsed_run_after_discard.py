@@ -13,7 +13,7 @@ from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
 from core.models import SmsMessage
 from core.outbox import PermanentJobError
 from tests.admin_api.conftest import bearer
-from tests.channels.sms.helpers import jobs_of, lapse
+from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE
 from tests.conftest import drain, early_in_window
@@ -26,8 +26,6 @@ async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothi
     claims the job and parks it (its build refused), storing nothing; an admin discards it, which gives the reply's
     count back (none stored: never sent). Then A wakes up, stores the reply and sends it: a reply of a discarded job,
     uncounted."""
-    from app import create_worker
-
     await early_in_window(600, room=60)
     await inbound(sms_client, ALINE, "HELP", "in-help")
     real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
@@ -40,11 +38,7 @@ async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothi
         raise PermanentJobError("cooperative not found")  # run B: parks, nothing stored
 
     monkeypatch.setattr(SmsJobs, "_build", build)
-    first = create_worker(rt)
-    [job] = await first.claim()
-    run_a = asyncio.create_task(first.run_job(job))
-    await asyncio.wait_for(stalled.wait(), 30)
-    await lapse(rt, job)  # A's lease lapses, and so does its send lock
+    run_a, job = await stalled_run(rt, stalled)  # A's lease lapses, and so does its send lock
     await drain(worker)  # run B
     assert (await jobs_of(rt, "sms.send"))[0].status == "PARKED"
     admin = await bearer(sms_client, *demo["admin"])

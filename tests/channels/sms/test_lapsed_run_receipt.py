@@ -16,7 +16,7 @@ from channels.sms.jobs import SmsJobs
 from core.models import Payment, SmsMessage
 from core.outbox import PermanentJobError
 from tests.admin_api.conftest import bearer
-from tests.channels.sms.helpers import jobs_of, lapse
+from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_send_faults import ALINE, queue_receipt
 from tests.conftest import drain
 
@@ -25,8 +25,6 @@ async def _stall_run_a(rt: Any, monkeypatch: Any, then: Any) -> tuple[asyncio.Ta
     """Claim the receipt's job and start run A, which builds the receipt (reading its payment as it is) and stalls
     before storing it until `go` is set; then its lease lapses, and so does its send lock. Later builds do `then`
     (None: build as usual). (run A's task, go, its job)"""
-    from app import create_worker
-
     real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
 
     async def build(self: Any, conn: Any, payload: Any, **kwargs: Any) -> Any:
@@ -38,11 +36,7 @@ async def _stall_run_a(rt: Any, monkeypatch: Any, then: Any) -> tuple[asyncio.Ta
         return built
 
     monkeypatch.setattr(SmsJobs, "_build", build)
-    first = create_worker(rt)
-    [job] = await first.claim()
-    run_a = asyncio.create_task(first.run_job(job))
-    await asyncio.wait_for(stalled.wait(), 30)
-    await lapse(rt, job)  # A's lease lapses, and so does its send lock
+    run_a, job = await stalled_run(rt, stalled)  # A's lease lapses, and so does its send lock
     return run_a, go, job
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
 from channels.sms.templates import render
 from core.models import SmsMessage
-from tests.channels.sms.helpers import jobs_of, lapse
+from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
 from tests.conftest import drain, early_in_window
@@ -26,8 +26,6 @@ async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_
     and ends the job with its give-back, which runs. Then A wakes up: it must store and send nothing. Stored and sent,
     she read "no more reminders" last while her START had turned them back on, and that reply was given back too
     (5 of her next 5 keywords answered: 7 replies in her 10 minutes)."""
-    from app import create_worker
-
     await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
@@ -39,11 +37,7 @@ async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_
         return await real_build(self, conn, payload, **kwargs)
 
     monkeypatch.setattr(SmsJobs, "_build", build)
-    first = create_worker(rt)
-    [job] = await first.claim()
-    run_a = asyncio.create_task(first.run_job(job))
-    await asyncio.wait_for(stalled.wait(), 30)
-    await lapse(rt, job)  # A's lease lapses, and so does its send lock
+    run_a, _ = await stalled_run(rt, stalled)  # A's lease lapses, and so does its send lock
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await drain(worker)  # run B (switched since, nothing stored: DONE, its give-back queued), the START's reply
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
