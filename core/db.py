@@ -231,6 +231,26 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
             with suppress(Exception, asyncio.CancelledError):
                 await_(asyncio.shield(record.driver_connection.rollback()))
 
+        @event.listens_for(engine.sync_engine, "reset")
+        def _rolled_back_when_collected(_dbapi_conn: Any, record: Any, state: Any) -> None:
+            """A connection the garbage collector finds checked out (its session never closed: a task destroyed
+            while pending) rolled back before SQLAlchemy terminates it. The pool cannot await there (no loop to
+            wait on: its reset is skipped, `asyncio_safe` false) and terminates it with aiosqlite's stop(), a close
+            without a rollback on the connection's thread: with a write's statement still open (its cursor alive
+            elsewhere, a kept traceback's), the sqlite3 connection became the zombie _rolled_back_before_close
+            describes, holding the write lock for as long as that cursor lived. The ROLLBACK is queued on that
+            thread without a future (nothing to wait on or answer), ahead of the stop SQLAlchemy queues next; the
+            thread runs them in order. aiosqlite's queue is its own (`_tx`, `_connection`): the test
+            (tests/core/test_sqlite_cancelled_write.py) says so if a release renames them; before its stop()
+            (0.22.1) the worker took no job without a future, and SQLAlchemy dropped the connection unclosed."""
+            if state.asyncio_safe or record is None:
+                return  # checked in, invalidated or closed by SQLAlchemy: its own rollback or the listener above
+            driver = record.driver_connection
+            queue, sqlite_conn = getattr(driver, "_tx", None), getattr(driver, "_connection", None)
+            if queue is None or sqlite_conn is None or not hasattr(driver, "stop"):
+                return
+            queue.put_nowait((None, sqlite_conn.rollback))
+
         return engine
     engine = create_async_engine(
         url,

@@ -7,6 +7,7 @@ cursor (30 to 60 s; every write meanwhile waited busy_timeout, then "database is
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 from contextlib import suppress
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import SAWarning
 
 from core.db import make_engine, make_sessionmaker
 from tests.conftest import cancelled_at
@@ -84,5 +86,39 @@ async def test_a_write_cancelled_in_flight_does_not_keep_the_write_lock(tmp_path
             await s.execute(text("INSERT INTO t (x) VALUES (3)"))
             await s.commit()
             assert (await s.execute(text("SELECT count(*) FROM t WHERE x = 1"))).scalar_one() == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_the_garbage_collector_closes_does_not_keep_the_write_lock(tmp_path: Path) -> None:
+    """A connection never given back (its session never closed: a task destroyed while pending) with a write's
+    statement still open, its cursor alive elsewhere (a kept traceback's): the pool's clean-up when the garbage
+    collector finds it cannot await a rollback, and terminates it (aiosqlite's stop: a close on its thread). Without
+    the rollback core.db queues ahead of that close, the sqlite3 connection kept its transaction and the write lock
+    for as long as the cursor lived."""
+    path = tmp_path / "collected.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn = await engine.connect()
+        await conn.execute(text("SELECT 1"))  # its transaction begun
+        driver = (await conn.get_raw_connection()).driver_connection
+        # The write's statement open: a RETURNING row not read, as a write cancelled before its fetch leaves it.
+        pending = await driver.execute("INSERT INTO t (x) VALUES (1) RETURNING x")
+        worker = driver._thread
+        del conn, driver
+        with pytest.warns(SAWarning, match="garbage collector"):
+            gc.collect()
+        await asyncio.to_thread(worker.join, 5)  # its queue run: the rollback, then the close
+        assert not worker.is_alive()
+        try:
+            took = await asyncio.to_thread(_write_elsewhere, path)
+        except sqlite3.OperationalError as exc:
+            raise AssertionError(f"the collected connection kept the write lock: {exc}") from exc
+        assert took < 1.5, took
+        del pending
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT x FROM t ORDER BY x"))).scalars().all() == [2]
     finally:
         await engine.dispose()
