@@ -100,7 +100,9 @@ PAYMENT = out(
         "paymentAccount": {"type": "string", "description": "the account paid from, masked (the full number is "
                            "never given back): a phone number keeps its country code, two digits and its last three "
                            "(+25078****001), a bank account its last four, an e-mail its first letter and domain; "
-                           "\"erased\" once the payer's personal data was erased. GET /v1/payments?paymentAccount= "
+                           "\"erased\" once the payer's personal data was erased, \"unknown\" for a statement line "
+                           "recorded naming its member alone from before a NEW_SIM gave her another number. "
+                           "GET /v1/payments?paymentAccount= "
                            "finds payments by the full number"},
         "reference": {"type": "string"},
         "gatewayTransactionId": NULL_STRING,

@@ -71,6 +71,10 @@ RELEASED_MASK = "released"
 # become '' (the columns are NOT NULL; '' decrypts to nothing and no number's blind index is '').
 ERASED_NAME = "Erased member"
 ERASED_MASK = "erased"
+# The account mask of a payment recorded from a statement line naming its member alone, paid from a number the audit
+# does not tell (hers changed by a NEW_SIM since: core.recorded_payments._members_number): no number kept, its
+# ciphertext, blind index '' as an erased payer's; a refund the provider sends to the number that paid is refused.
+ACCOUNT_NOT_KNOWN = "unknown"
 
 
 def phone_context(cooperative_id: str) -> str:
@@ -760,6 +764,24 @@ async def number_holder_at(session: AsyncSession, cooperative_id: str, phone_ind
         bound = pair.id
         rows = [row for row in theirs if row.id < pair.id]
         registered = (await session.execute(select(Member.created_at).where(Member.id == holder))).scalar_one()
+
+
+async def number_of_at(session: AsyncSession, cipher: PiiCipher, member: Member, moment: datetime) -> Phone | None:
+    """The number the member held at `moment` (a statement line naming her, without its number:
+    core.recorded_payments), when the audit tells it exactly: the one whose line at `moment` number_holder_at gives
+    her, as a line recorded by that number would go to her. Her number now (no NEW_SIM or SWAP since), or the one she
+    gave in a SWAP since, which the member she swapped with holds now (nothing moved it since). None when neither
+    is: a NEW_SIM since (her number then is kept as its mask alone), or the number she gave away moved on again."""
+    partners = [str(row.after.get("swappedWith")) for row in await _phone_change_rows(session, member.id)
+                if _phone_change(row.after) == "SWAP" and row.at > moment]
+    holders = [member, *[other for other in [await session.get(Member, pid) for pid in dict.fromkeys(partners)]
+                         if other is not None and other.cooperative_id == member.cooperative_id]]
+    for holder in holders:
+        if holder.phone_enc is None or holder.phone_index is None:
+            continue
+        if await number_holder_at(session, member.cooperative_id, holder.phone_index, moment) == member.id:
+            return member_phone(cipher, holder)
+    return None
 
 
 _LET_GO = ("member.phone_released", "member.updated", "member.erased")

@@ -19,7 +19,14 @@ from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, table_of, utcnow
 from core.errors import DUPLICATE_REFERENCE, INVALID_STATE, PROVIDER_REFUSED, Conflict, NotFound, ValidationError
-from core.members import ERASED_MASK, number_holder_at
+from core.members import (
+    ACCOUNT_NOT_KNOWN,
+    ERASED_MASK,
+    NUMBER_MARGIN,
+    holds_number_since,
+    number_holder_at,
+    number_of_at,
+)
 from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs
@@ -373,22 +380,37 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     provider = rt.provider_for(new.method)
     digest = _line_digest(line, amount, account, txn, note)
     member_id, erased = new.member_id, False
+    locked_id = member_id  # the member whose row is taken (below)
     if account is not None and _found_by_account(new):
         # The number's holder when the money was taken, not now: a line from before a NEW_SIM or SWAP gave the number
         # to her is not hers (it counted her period paid, and left unpaid the member who paid), whatever the status
         # of the one who held it (suspended since, erased: below).
-        member_id = await number_holder_at(session, coop.id, rt.cipher.blind_index(account), line.completed_at)
-    if member_id is not None:
+        index = rt.cipher.blind_index(account)
+        member_id = locked_id = await number_holder_at(session, coop.id, index, line.completed_at)
+        if member_id is None:
+            # Nobody's then (a NEW_SIM gave it to its holder since): a line of no member her number paid from just
+            # before she got it is still hers to erase (core.members._Hers, NUMBER_MARGIN). Her row is taken too,
+            # so that her erasure and this recording take turns: run while this one was on its way, her erasure
+            # scrubbed her payments before this one was there to scrub.
+            locked_id = (await session.execute(select(Member.id).where(
+                Member.cooperative_id == coop.id, Member.phone_index == index))).scalar_one_or_none()
+    if locked_id is not None:
         # Her row first (FOR KEY SHARE, which the payment's insert takes for its member_id anyway), before the id's
         # lock: the order a callback completing a payment of hers takes them in (her row when it takes any, her
         # payment's, then the id's: core.provider_events), and her erasure (her row, then her payments). Taken at
         # the insert, under the id's lock, a callback holding her payment and waiting for the id, and her erasure
         # holding her row and waiting for that payment, made a deadlock of three, and PostgreSQL rolled one back.
         # Read under that lock: erased (core.members.erase_member), before or while this waited, her payment keeps no
-        # number, as her other payments keep none (the account the admin typed, or her number that found her).
-        her = (await session.execute(select(Member.phone_enc, Member.phone_masked).where(Member.id == member_id)
-                                     .with_for_update(read=True, key_share=True))).first()
+        # number, as her other payments keep none (the account the admin typed, or her number that found her); nor
+        # does a line of no member that her erasure counted hers (_Hers: made since she got the number, less
+        # NUMBER_MARGIN), as it would have scrubbed it had this one come first.
+        her = (await session.execute(select(Member).where(Member.id == locked_id)
+                                     .with_for_update(read=True, key_share=True)
+                                     .execution_options(populate_existing=True))).scalar_one_or_none()
         erased = her is not None and her.phone_enc is None and her.phone_masked == ERASED_MASK
+        if erased and member_id is None:
+            assert her is not None
+            erased = line.completed_at >= await holds_number_since(session, her) - NUMBER_MARGIN
     # Before the key is looked for: the same request sent twice at once finds the first one's payment.
     await _lock_transaction_id(session, provider.name, txn)
     existing = await find_by_key(session, coop.id, key)
@@ -400,11 +422,12 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     if refused is not None:
         raise refused
     if account is None and not erased:
-        account, account_refused = _normalise_account(new.method, await _members_number(session, rt, new),
-                                                       coop.country)
-        if account_refused is not None:
-            raise ValidationError(f"{account_refused.message} (the member's registered number): give "
-                                  "paymentAccount", field="paymentAccount")
+        number = await _members_number(session, rt, new, line.completed_at)
+        if number is not None:
+            account, account_refused = _normalise_account(new.method, number, coop.country)
+            if account_refused is not None:
+                raise ValidationError(f"{account_refused.message} (the member's number at completedAt): give "
+                                      "paymentAccount", field="paymentAccount")
     await transaction_id_free(session, provider.name, txn, coop.id)
     payment_id = await _free_payment_id(session, line.payment_id)
     reference = await _free_reference(session, new.reference)
@@ -431,7 +454,10 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         # erased member, what her erasure leaves on her payments (core.members._erase_payments); her key alone
         # answers with it again (core.payments._same_or_refused).
         **({"payment_account_enc": "", "payment_account_index": "", "payment_account_masked": ERASED_MASK,
-            "request_hash": ""} if erased or account is None else
+            "request_hash": ""} if erased else
+           # Naming her alone, a line from before her number changed (_members_number): no number, none guessed.
+           {"payment_account_enc": "", "payment_account_index": "", "payment_account_masked": ACCOUNT_NOT_KNOWN,
+            "request_hash": keyed_request_hash(rt.cipher, digest)} if account is None else
            {"payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
             "payment_account_index": rt.cipher.blind_index(account), "payment_account_masked": _mask_account(account),
             "request_hash": keyed_request_hash(rt.cipher, digest)}),
@@ -463,11 +489,12 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     return payment, True
 
 
-async def _members_number(session: AsyncSession, rt: Runtime, new: NewPayment) -> str:
-    """The paying account of a recorded payment that names only its member: her registered number, for a wallet
-    method (a bank account is never a member's)."""
-    from core.members import member_phone
-
+async def _members_number(session: AsyncSession, rt: Runtime, new: NewPayment, completed_at: datetime) -> str | None:
+    """The paying account of a recorded payment that names only its member, for a wallet method (a bank account is
+    never a member's): the number she held when the money was taken (core.members.number_of_at: her number now, or
+    the one a SWAP since gave the other member), not her number now, which a NEW_SIM or SWAP since gave her (a line
+    with it showed a number she did not pay from, and ?paymentAccount= of it found the line). None when the audit
+    does not tell it (a NEW_SIM since: only its mask is kept): the payment keeps no number (ACCOUNT_NOT_KNOWN)."""
     if new.method not in METHOD_OPERATOR:
         raise ValidationError(f"paymentAccount is required for {new.method}: the account the statement shows",
                               field="paymentAccount")
@@ -475,7 +502,8 @@ async def _members_number(session: AsyncSession, rt: Runtime, new: NewPayment) -
     if member is None or member.phone_enc is None:
         raise ValidationError("paymentAccount is required: the member has no registered number",
                               field="paymentAccount")
-    return member_phone(rt.cipher, member).e164
+    number = await number_of_at(session, rt.cipher, member, completed_at)
+    return None if number is None else number.e164
 
 
 async def _free_payment_id(session: AsyncSession, wanted: str | None) -> str:

@@ -36,7 +36,7 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.members import number_came_since, number_history
+from core.members import ACCOUNT_NOT_KNOWN, number_came_since, number_history
 from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import changed_at, notice_jobs
@@ -180,6 +180,11 @@ async def request_refund(
     if not holds_money(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}",
                                 code=INVALID_STATE)
+    if returned is None and not payment.payment_account_enc and payment.payment_account_masked == ACCOUNT_NOT_KNOWN:
+        # Recorded from a statement line naming its member alone, from before her number changed.
+        raise Conflict("the payment was recorded without the number that paid it (its member's number changed "
+                       "since): the account to refund is not known; have the provider send the money back and "
+                       "record that with returnedByProvider", code=PAYING_NUMBER_CHANGED)
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider", code=MEMBER_ERASED)
