@@ -101,7 +101,8 @@ PAYMENT = out(
                            "never given back): a phone number keeps its country code, two digits and its last three "
                            "(+25078****001), a bank account its last four, an e-mail its first letter and domain; "
                            "\"erased\" once the payer's personal data was erased, \"unknown\" for a statement line "
-                           "recorded naming its member alone from before a NEW_SIM gave her another number. "
+                           "recorded naming its member alone whose number then her corrections do not tell (a "
+                           "NEW_SIM since). "
                            "GET /v1/payments?paymentAccount= "
                            "finds payments by the full number"},
         "reference": {"type": "string"},
@@ -223,10 +224,13 @@ RECORDED_PAYMENT = obj(
                           "description": "the provider follows from it, as for POST /v1/payments"},
         "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120,
                            "description": "the account the statement shows paying, as POST /v1/payments takes it; "
-                                          "without it, the member's registered number (mobile money)"},
+                                          "without it (mobile money), the number the member held at "
+                                          "completedAt as her number corrections tell it, else none: "
+                                          "\"unknown\" (a refund through the provider is then 409)"},
         "memberId": {"type": "string", "format": "uuid",
-                     "description": "the member who paid. Without it, the cooperative's ACTIVE member whose "
-                                    "registered number is paymentAccount (none for another number or a bank method)"},
+                     "description": "the member who paid. Without it, the cooperative's member who held "
+                                    "paymentAccount at completedAt, whatever her status now, as her number "
+                                    "corrections tell it (none for another number or a bank method)"},
         "providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
                                   "description": "the provider's id of the money on its statement (a refund needs "
                                                  "it); 409 when a payment of that provider holds it"},

@@ -770,12 +770,21 @@ async def number_of_at(session: AsyncSession, cipher: PiiCipher, member: Member,
     """The number the member held at `moment` (a statement line naming her, without its number:
     core.recorded_payments), when the audit tells it exactly: the one whose line at `moment` number_holder_at gives
     her, as a line recorded by that number would go to her. Her number now (no NEW_SIM or SWAP since), or the one she
-    gave in a SWAP since, which the member she swapped with holds now (nothing moved it since). None when neither
-    is: a NEW_SIM since (her number then is kept as its mask alone), or the number she gave away moved on again."""
-    partners = [str(row.after.get("swappedWith")) for row in await _phone_change_rows(session, member.id)
-                if _phone_change(row.after) == "SWAP" and row.at > moment]
-    holders = [member, *[other for other in [await session.get(Member, pid) for pid in dict.fromkeys(partners)]
-                         if other is not None and other.cooperative_id == member.cooperative_id]]
+    gave in a SWAP since, which the member she swapped with holds now, or the one the swaps since gave on (each member
+    linked to hers by a SWAP since `moment` is asked). None when none is: a NEW_SIM since (her number then is kept as
+    its mask alone; by her, or by whoever it was given to), or a line from before she registered that another member's
+    let-go number of its mask may have paid (number_holder_at)."""
+    holders, seen, queue = [member], {member.id}, [member.id]
+    while queue:  # each member a SWAP since `moment` links to hers, through any number of swaps (given on, again)
+        for row in await _phone_change_rows(session, queue.pop()):
+            other_id = str(row.after.get("swappedWith"))
+            if _phone_change(row.after) != "SWAP" or row.at <= moment or other_id in seen:
+                continue
+            seen.add(other_id)
+            other = await session.get(Member, other_id)
+            if other is not None and other.cooperative_id == member.cooperative_id:
+                holders.append(other)
+                queue.append(other.id)
     for holder in holders:
         if holder.phone_enc is None or holder.phone_index is None:
             continue

@@ -86,3 +86,22 @@ async def test_a_line_before_a_typo_keeps_her_number_now(rt: Any, admin: Caller,
     before = await _recorded(admin, demo, marie, TWO_DAYS_AGO)
     assert (before["memberId"], before["paymentAccount"]) == (marie, "+25078****204")
     assert await _found_by(admin, NEW) == [before["id"]]
+
+
+async def test_a_line_from_before_two_swaps_keeps_the_number_she_paid_from(rt: Any, admin: Caller,
+                                                                          demo: dict[str, Any]) -> None:
+    """Her number went on by a second SWAP (Marie gave hers to Jean, Jean then gave it to Eric): the audit still tells
+    it exactly (a line recorded by that number goes to her), so a line naming her alone keeps it, as one recorded by
+    the number does, and not "unknown"."""
+    jean, marie = await _member(admin, "Jean Habimana", JEAN), await _member(admin, "Marie Uwase", MARIE)
+    eric = await _member(admin, "Eric Mugisha", NEW)
+    await _change(rt, admin, marie, JEAN, "SWAP")  # Marie has 201, Jean 202 (hers)
+    await _change(rt, admin, jean, NEW, "SWAP")  # Jean has 204, Eric 202 (hers then)
+
+    by_number = await admin.json("POST", "/v1/payments/recorded", 201, json={
+        **{k: v for k, v in _body(demo, marie, TWO_DAYS_AGO).items() if k != "memberId"}, "paymentAccount": MARIE})
+    assert (by_number["memberId"], by_number["paymentAccount"]) == (marie, "+25078****202")
+    hers_then = await _recorded(admin, demo, marie, TWO_DAYS_AGO)
+    assert (hers_then["memberId"], hers_then["paymentAccount"]) == (marie, "+25078****202")
+    assert sorted(await _found_by(admin, MARIE)) == sorted([by_number["id"], hers_then["id"]])
+    assert eric
