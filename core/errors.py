@@ -92,6 +92,7 @@ TOKEN_EXPIRED = "TOKEN_EXPIRED"
 TOKEN_INVALID = "TOKEN_INVALID"
 ACCOUNT_LOCKED = "ACCOUNT_LOCKED"
 PAYING_NUMBER_CHANGED = "PAYING_NUMBER_CHANGED"
+PAYING_NUMBER_UNKNOWN = "PAYING_NUMBER_UNKNOWN"
 MEMBER_ERASED = "MEMBER_ERASED"
 CONCURRENT_CHANGE = "CONCURRENT_CHANGE"
 
@@ -153,6 +154,9 @@ CODES: dict[str, str] = {
     PAYING_NUMBER_CHANGED: "409: the payment was paid from a number that is no longer its member's: the refund "
                            "would go back to that number; send it with toPayingNumber: true, or pay her another "
                            "way and record it with returnedByProvider",
+    PAYING_NUMBER_UNKNOWN: "409: the payment was recorded from a statement line without the number that paid it "
+                           "(paymentAccount \"unknown\": its member's number changed since): nothing can be sent; "
+                           "have the provider send the money back and record it with returnedByProvider",
     MEMBER_ERASED: "409: the payment's member was erased: the number to refund is no longer known, and nothing can "
                    "be sent; have the provider send the money back and record it with returnedByProvider",
     CONCURRENT_CHANGE: "409: what the request depends on was being changed by another at that moment (a dispute of "

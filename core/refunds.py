@@ -28,6 +28,7 @@ from core.errors import (
     MEMBER_ERASED,
     PARTIAL_REFUND_UNSUPPORTED,
     PAYING_NUMBER_CHANGED,
+    PAYING_NUMBER_UNKNOWN,
     PAYMENT_METHOD_NOT_AVAILABLE,
     PROVIDER_REFUSED,
     REFUND_EXCEEDS_REFUNDABLE,
@@ -184,7 +185,7 @@ async def request_refund(
         # Recorded from a statement line naming its member alone, from before her number changed.
         raise Conflict("the payment was recorded without the number that paid it (its member's number changed "
                        "since): the account to refund is not known; have the provider send the money back and "
-                       "record that with returnedByProvider", code=PAYING_NUMBER_CHANGED)
+                       "record that with returnedByProvider", code=PAYING_NUMBER_UNKNOWN)
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider", code=MEMBER_ERASED)

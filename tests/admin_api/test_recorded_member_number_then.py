@@ -58,7 +58,7 @@ async def test_a_line_from_before_her_new_sim_keeps_no_number(rt: Any, admin: Ca
     # Her number then is not known: a refund the provider would send to it is refused, before anything is sent.
     refused = await admin.json("POST", f"/v1/payments/{before['id']}/refunds", 409,
                                json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
-    assert refused["code"] == "PAYING_NUMBER_CHANGED" and "not known" in refused["message"], refused
+    assert refused["code"] == "PAYING_NUMBER_UNKNOWN" and "not known" in refused["message"], refused
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(Payment.refunded_minor).where(Payment.id == before["id"]))).scalar_one() == 0
 
@@ -105,3 +105,26 @@ async def test_a_line_from_before_two_swaps_keeps_the_number_she_paid_from(rt: A
     assert (hers_then["memberId"], hers_then["paymentAccount"]) == (marie, "+25078****202")
     assert sorted(await _found_by(admin, MARIE)) == sorted([by_number["id"], hers_then["id"]])
     assert eric
+
+
+async def test_a_refund_of_a_line_kept_without_its_number_has_its_own_code(rt: Any, admin: Caller,
+                                                                          demo: dict[str, Any]) -> None:
+    """PAYING_NUMBER_CHANGED tells the caller to send the refund again with toPayingNumber: true (core.errors.CODES,
+    the README's table). For a line kept with no number ("unknown") that is refused all the same: nothing can be
+    sent, whatever the caller says. Its own code, whose remedy is the one that works (returnedByProvider)."""
+    from core.errors import CODES
+
+    marie = await _member(admin, "Marie Uwase", MARIE)
+    await _change(rt, admin, marie, NEW, "NEW_SIM")
+    before = await _recorded(admin, demo, marie, TWO_DAYS_AGO)
+    assert before["paymentAccount"] == "unknown"
+    refunds = f"/v1/payments/{before['id']}/refunds"
+    for asked in ({}, {"toPayingNumber": True}):
+        refused = await admin.json("POST", refunds, 409, json={"amount": 50000, "reason": "paid twice",
+                                                               "idempotencyKey": idem(), **asked})
+        assert refused["code"] == "PAYING_NUMBER_UNKNOWN", refused
+        assert "toPayingNumber" not in CODES[refused["code"]]
+    done = await admin.json("POST", refunds, 201, json={
+        "amount": 50000, "reason": "paid twice", "idempotencyKey": idem(),
+        "returnedByProvider": {"providerTransactionId": "MTN-R-" + idem()[:10]}})
+    assert done["status"] == "COMPLETED", done
