@@ -520,6 +520,20 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any], settings: Settings)
         await asyncio.wait({task}, timeout=5)
 
 
+def _dial_url(settings: Settings) -> str:
+    """Where the banner's `dial` calls this process: on this machine (dial refuses another without --allow-remote),
+    also when PUBLIC_BASE_URL is a tunnel's public address."""
+    import httpx
+
+    from channels.ussd.dial import ALLOW_REMOTE, is_loopback
+
+    if is_loopback(httpx.URL(settings.public_base_url).host):
+        return settings.public_base_url
+    if settings.host in ("0.0.0.0", "::", "") or is_loopback(settings.host):  # noqa: S104 (a listen address read)
+        return f"http://127.0.0.1:{settings.port}" if ":" not in settings.host else f"http://[::1]:{settings.port}"
+    return f"{settings.public_base_url} {ALLOW_REMOTE}"
+
+
 def _banner(settings: Settings, demo: dict) -> str:
     from core.demo import DEMO_MEMBERS
 
@@ -533,7 +547,8 @@ def _banner(settings: Settings, demo: dict) -> str:
         f"  JSON API        : {base}/v1   (docs {base}/v1/docs, OpenAPI {base}/v1/openapi.json)",
         f"  USSD callback   : POST {base}/ussd/africastalking   (dial {settings.ussd_service_code})",
         f"  Health          : {base}/healthz  {base}/readyz  {base}/metrics",
-        f"  Terminal phone  : .venv/bin/python main.py dial '{settings.ussd_service_code}' +250788000001 --url {base}",
+        f"  Terminal phone  : .venv/bin/python main.py dial '{settings.ussd_service_code}' +250788000001 "
+        f"--url {_dial_url(settings)}",
         "  Demo phones:",
     ]
     lines += [f"    {phone}  {name:<22} {what}" for name, phone, _u, _l, what in DEMO_MEMBERS]
@@ -665,14 +680,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port(1), required=True)
     d = sub.add_parser("dial", help="terminal phone: drive USSD menus through an aggregator's endpoint")
     d.add_argument("code", help="USSD code, e.g. '*384*123#'")
-    d.add_argument("phone", help="caller's phone number, e.g. +250788000001 (through hubtel or nalo 0244123456 is "
-                                 "Ghanaian)")
+    d.add_argument("phone", help="caller's phone number, e.g. +250788000001 (through hubtel or nalo a Ghanaian one "
+                                 "only, 0244123456 too)")
     d.add_argument("--url", default=None, help="base URL of a running gateway (default http://127.0.0.1:$PORT, "
                                                "as `run` serves it: 8080 when PORT is unset)")
-    d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one "
-                                                  "(its CALLBACK_SECRET_<AGGREGATOR>)")
+    d.add_argument("--secret", default=None, type=_dial_secret, help="callback secret, if the gateway requires one "
+                                                                     "(its CALLBACK_SECRET_<AGGREGATOR>)")
     d.add_argument("--aggregator", default="africastalking", choices=USSD_AGGREGATORS,
                    help="whose callbacks to send (default africastalking)")
+    d.add_argument("--allow-remote", action="store_true",
+                   help="dial a gateway on another machine (--url not localhost, 127.0.0.1 or ::1): it is sent the "
+                        "callback secret and the caller's number")
     # The caller's number is read once the aggregator is known (its country's local form): _dial_phone.
     d.set_defaults(dial_parser=d)
     return parser
@@ -724,17 +742,25 @@ def _port(lowest: int) -> Callable[[str], int]:
     return parse
 
 
+def _dial_secret(text: str) -> str:
+    """`--secret "$CALLBACK_SECRET_NALO"` with the variable unset: nothing was sent, and the gateway's 403 was said
+    to be a wrong secret ("--secret is not the gateway's ...")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give the gateway's CALLBACK_SECRET_<AGGREGATOR>, or leave "
+                                         "--secret out for a gateway without one")
+    return text
+
+
 def _dial_phone(args: argparse.Namespace) -> str:
-    """dial's caller: a number the gateway reads, in the aggregator's country's local form too (0244123456 through
-    Hubtel or Nalo is Ghanaian); argparse's usage error, not a traceback, for one it does not."""
-    from channels.ussd.dial import REGIONS
-    from core.phone import PhoneError, normalize
+    """dial's caller as channels.ussd.dial.caller reads it (the module's own entry point checks it so too);
+    argparse's usage error, not a traceback, for one it refuses."""
+    from channels.ussd.dial import DialError, caller
 
     try:
-        return normalize(args.phone, REGIONS[args.aggregator]).e164
-    except PhoneError as exc:
+        return caller(args.phone, args.aggregator)
+    except DialError as exc:
         parser: argparse.ArgumentParser = args.dial_parser
-        parser.error(f"argument phone: {args.phone!r}: {exc}")
+        parser.error(f"argument phone: {exc}")
 
 
 def _metrics_port(given: int | None) -> int:
@@ -759,14 +785,11 @@ def main(argv: list[str] | None = None) -> int:
         # africastalking --port 9004 --delay 2` ran without the delay, saying nothing.
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "dial":
-        from channels.ussd.dial import dial
+        from channels.ussd.dial import run
 
         phone = _dial_phone(args)
-        try:
-            return asyncio.run(dial(args.code, phone, args.url or _local_url(), args.secret,
-                                    aggregator=args.aggregator))
-        except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]" (README: exit 1, hung up)
-            return 1
+        return run(args.code, phone, args.url or _local_url(), args.secret, aggregator=args.aggregator,
+                   allow_remote=args.allow_remote)
     if args.command == "simulate":
         from core import logs
 

@@ -4,6 +4,8 @@ that says what to do and the README's exit code, never a traceback."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
 import re
 import signal
@@ -11,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -275,6 +278,132 @@ def test_dial_refuses_a_caller_that_is_not_a_phone_number():
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == "main.py dial: error: argument phone: 'notaphone': not a phone number"
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def _dial_module(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m channels.ussd.dial ...`, the terminal phone's entry point when main.py is not at hand."""
+    return subprocess.run([sys.executable, "-m", "channels.ussd.dial", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**_base_env(), **env}, timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def _endpoint(reply: dict[str, object] | str) -> Iterator[tuple[str, list[bytes]]]:
+    """An HTTP server on this machine answering every POST with `reply` (JSON, or CON/END text): its URL and the
+    bodies it was sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sent: list[bytes] = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            sent.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", sent
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dial_refuses_a_caller_of_a_country_the_aggregator_does_not_serve():
+    # Hubtel and Nalo are Ghana's: a Rwandan number through them was dialled (the gateway takes it).
+    for aggregator in ("hubtel", "nalo"):
+        result = _main("dial", "*384*123#", "+250788000001", "--aggregator", aggregator, "--url", "http://127.0.0.1:1")
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"main.py dial: error: argument phone: '+250788000001': a number of RW; {aggregator} carries calls from "
+            "GH numbers only (dial another country's number through africastalking)")
+
+
+def test_the_dial_modules_entry_point_checks_the_caller_as_main_py_does():
+    # `python -m channels.ussd.dial` with a number it cannot read was core.phone's traceback, exit 1.
+    for args, says in ((("*384*123#", "notaphone"), "'notaphone': not a phone number"),
+                       (("*384*123#", "+250788000001", "http://127.0.0.1:1", "", "nalo"),
+                        "'+250788000001': a number of RW; nalo carries calls from GH numbers only (dial another "
+                        "country's number through africastalking)")):
+        result = _dial_module(*args)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.splitlines() == [
+            "usage: dial SERVICE_CODE PHONE [BASE_URL] [SECRET] [africastalking|hubtel|nalo] [--allow-remote]",
+            f"dial: error: argument phone: {says}"]
+    with _endpoint({"USERID": "dial", "MSISDN": "233244123456", "MSG": "Bye", "MSGTYPE": False}) as (url, sent):
+        result = _dial_module("*384*123*233#", "024 412 3456", url, "", "nalo")
+    assert result.returncode == 0 and result.stdout.splitlines()[1] == "Bye", result.stderr
+    assert [json.loads(body)["MSISDN"] for body in sent] == ["233244123456"]
+
+
+def test_dial_refuses_another_machine_unless_allowed():
+    # Each entry point, before any connection: the environment's proxy (httpx would send a call to 192.0.2.1
+    # through it) is a server on this machine, which nothing must reach.
+    with _endpoint("END proxied") as (proxy, sent):
+        env = {"HTTP_PROXY": proxy, "ALL_PROXY": proxy, "NO_PROXY": ""}
+        for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--secret", "k",
+                             **env),
+                       _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "k", **env)):
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert result.stdout == (
+                "[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this machine (localhost, "
+                "127.0.0.1, ::1), and dial sends the aggregator's callback secret and a member's number: "
+                "--allow-remote to dial a gateway elsewhere]\n")
+        assert sent == []
+        # Allowed, it goes as the environment says (the proxy here), for each entry point.
+        for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--allow-remote",
+                             **env),
+                       _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "--allow-remote", **env)):
+            assert result.returncode == 0 and result.stdout.splitlines()[1] == "proxied", result.stderr
+        assert len(sent) == 2
+
+
+def test_dial_refuses_an_empty_secret():
+    # `--secret "$CALLBACK_SECRET_NALO"` with the variable unset sent none, and the 403 was said to be a wrong one.
+    result = _main("dial", "*384*123#", "+250788000001", "--secret", "", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "main.py dial: error: argument --secret: is empty: give the gateway's CALLBACK_SECRET_<AGGREGATOR>, or "
+        "leave --secret out for a gateway without one")
+
+
+def test_dial_started_without_stdin_hangs_up():
+    # `dial ... <&-`: descriptor 0 was then one of the process's own (the event loop's): reading it failed with
+    # EINVAL, a traceback.
+    with _endpoint("CON Welcome\n1. Pay") as (url, sent):
+        result = subprocess.run([sys.executable, "main.py", "dial", "*384*123#", "+250788000001", "--url", url],
+                                cwd=ROOT, capture_output=True, text=True, env=_base_env(), timeout=120, check=False,
+                                stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.rstrip().endswith("> [cancelled]"), result.stdout
+    assert len(sent) == 1
+
+
+def test_dial_whose_reader_left_hangs_up_quietly():
+    # `dial ... | head -1`: the screens' reader gone, dial's next line was a BrokenPipeError traceback (exit 1) and
+    # Hubtel's session was never released. Now: released, and SIGPIPE's exit status as a Unix tool's.
+    with _endpoint({"Type": "Response", "Message": "Welcome\n1. Pay", "ClientState": "s1"}) as (url, sent):
+        proc = subprocess.Popen([sys.executable, "main.py", "dial", "*713*45#", "0244123456", "--aggregator",
+                                 "hubtel", "--url", url], cwd=ROOT, env=_base_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the first screen
+        try:
+            proc.wait(timeout=60)
+            err = proc.stderr.read().decode()
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGPIPE and err == "", err
+    assert [json.loads(body)["Type"] for body in sent] == ["Initiation", "Release"]
 
 
 def test_dial_reads_a_local_number_in_the_aggregators_country():

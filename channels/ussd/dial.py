@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import signal
 import sys
 import threading
 import unicodedata
@@ -17,11 +19,20 @@ from typing import Any
 import httpx
 
 from channels.ussd import africastalking, hubtel, nalo
-from core.phone import DEFAULT_REGION, network_code_of, normalize, operator_of
+from core.phone import DEFAULT_REGION, PhoneError, network_code_of, normalize, operator_of
 
 AGGREGATORS = (africastalking.NAME, hubtel.NAME, nalo.NAME)
 # The country whose local form (0244123456) a number given without its country code is read in: the aggregator's.
 REGIONS = {africastalking.NAME: DEFAULT_REGION, hubtel.NAME: hubtel.REGION, nalo.NAME: nalo.REGION}
+# The countries whose numbers dial through each aggregator, None for any. Hubtel and Nalo carry Ghana's networks
+# only: a +250 number through them is a call no Ghanaian aggregator ever sends (the gateway would take it all the
+# same, and the dial tried a Rwandan member's menus through Ghana's endpoint). Africa's Talking runs USSD in several
+# countries and the gateway takes any mobile number from it (a cooperative of any country it serves may use it):
+# any, as before.
+COUNTRIES: dict[str, frozenset[str] | None] = {africastalking.NAME: None, hubtel.NAME: frozenset({hubtel.REGION}),
+                                               nalo.NAME: frozenset({nalo.REGION})}
+ALLOW_REMOTE = "--allow-remote"  # the flag of both entry points (main.py dial, python -m channels.ussd.dial)
+TIMEOUT = 20.0  # seconds for each hop's answer
 # The network a Ghanaian aggregator names for a number still on its range's operator (Hubtel writes it in lower case,
 # Nalo in upper case): Telecel is Vodafone Ghana renamed, AT is AirtelTigo.
 _GHANA_NETWORKS = {"MTN": "mtn", "TELECEL": "vodafone", "AIRTELTIGO": "airteltigo", "GLO": "glo"}
@@ -112,6 +123,28 @@ class _Nalo:
         return None  # Nalo sends nothing when the phone ends the session
 
 
+class DialError(Exception):
+    """A caller `dial` cannot dial as: said in one line before anything is sent (exit 2)."""
+
+
+def caller(phone: str, aggregator: str) -> str:
+    """`phone` as `aggregator` sends it (E.164), read in the aggregator's country's local form too (0244123456
+    through Hubtel or Nalo is Ghanaian); DialError for one that is no mobile number or is of a country the
+    aggregator does not serve. The one check of both entry points and of dial() itself."""
+    if aggregator not in _PHONES:
+        raise DialError(f"aggregator {aggregator!r} is not one of {', '.join(AGGREGATORS)}")
+    try:
+        number = normalize(phone, REGIONS[aggregator])
+    except PhoneError as exc:
+        raise DialError(f"{phone!r}: {exc}") from None
+    countries = COUNTRIES[aggregator]
+    if countries is not None and number.region not in countries:
+        raise DialError(f"{phone!r}: a number of {number.region or 'another country'}; {aggregator} carries "
+                        f"calls from {', '.join(sorted(countries))} numbers only (dial another country's number "
+                        f"through {africastalking.NAME})")
+    return number.e164
+
+
 _PHONES: dict[str, Callable[[str, str], _AfricasTalking | _Hubtel | _Nalo]] = {
     africastalking.NAME: _AfricasTalking, hubtel.NAME: _Hubtel, nalo.NAME: _Nalo}
 
@@ -138,9 +171,16 @@ def _read_line(prompt: str) -> str | None:
     terminal's own."""
     sys.stdout.write(prompt)
     sys.stdout.flush()
+    if sys.stdin is None:
+        # Started with descriptor 0 closed (`dial ... <&-`): the descriptor is then one of this process's own (the
+        # event loop's, a connection's), whose read failed (EINVAL, a traceback) or took the gateway's bytes.
+        return None
     line = bytearray()
     while True:
-        byte = os.read(0, 1)
+        try:
+            byte = os.read(0, 1)
+        except OSError:  # the terminal gone (EIO after the SSH connection dropped): hung up, as at its end
+            return None
         if not byte:
             return line.decode(errors="replace") if line else None
         if byte == b"\n":
@@ -150,25 +190,28 @@ def _read_line(prompt: str) -> str | None:
 
 async def dial(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
                aggregator: str = africastalking.NAME,
-               read: Callable[[str], str | None] = _read_line, write: Callable[[str], None] = print,
-               transport: httpx.AsyncBaseTransport | None = None) -> int:
+               allow_remote: bool = False, read: Callable[[str], str | None] = _read_line,
+               write: Callable[[str], None] = print, transport: httpx.AsyncBaseTransport | None = None) -> int:
     """Dial `service_code` as `phone` through `aggregator`'s endpoint, print each screen, read each answer from stdin
-    until the service ends the session.
+    until the service ends the session. `base_url` must be this machine's unless `allow_remote`.
 
     Returns a process exit code: 0 when the service ended the session, 1 otherwise, 2 for a URL it cannot call.
+    Raises DialError for a caller it cannot dial as (caller()).
     """
-    if aggregator not in _PHONES:
-        raise ValueError(f"aggregator {aggregator!r} is not one of {', '.join(AGGREGATORS)}")
-    number = normalize(phone, REGIONS[aggregator]).e164
+    number = caller(phone, aggregator)
     handset = _PHONES[aggregator](service_code, number)
     url = base_url.rstrip("/") + f"/ussd/{aggregator}"
-    problem = _url_problem(url)
+    problem = _url_problem(url, allow_remote=allow_remote)
     if problem:
         write(f"[cannot call {url}: {problem}]")
         return 2
     params = {"secret": secret} if secret else None
     answer: str | None = None
-    async with httpx.AsyncClient(timeout=20.0, transport=transport) as http:
+    # This machine's gateway is called directly: through HTTP_PROXY or ALL_PROXY (trust_env), a proxy elsewhere got
+    # the callbacks, the secret in their query, for an address it cannot reach. A remote one (--allow-remote) goes
+    # as the environment says.
+    local = is_loopback(httpx.URL(url).host)
+    async with httpx.AsyncClient(timeout=TIMEOUT, transport=transport, trust_env=not local) as http:
 
         async def hang_up() -> None:
             closing = handset.hang_up()
@@ -177,19 +220,22 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                     await http.post(url, params=params, timeout=5.0, **closing)
                 except httpx.HTTPError:
                     pass  # the session is left to the gateway's sweep, as a lost Release would be
-            write("[cancelled]")
+            with contextlib.suppress(BrokenPipeError):  # the reader of our output gone: nobody to tell
+                write("[cancelled]")
 
         try:
             while True:
                 try:
                     resp = await http.post(url, params=params, **handset.hop(answer))
                 except httpx.HTTPError as exc:
-                    write(f"[network error calling {url}: {type(exc).__name__}: {exc}]")
+                    write(f"[network error calling {url}: {_network_problem(exc)}]")
                     return 1
                 screen = handset.screen(resp) if resp.status_code == 200 else None
                 if screen is None:
-                    hint = _refused_hint(resp.status_code, secret, aggregator)
-                    write(f"[HTTP {resp.status_code}] {_shown(resp.text[:200])}{hint}")
+                    # One line: a proxy's HTML error page ran over several, its \r shown as escapes.
+                    body = " ".join(resp.text[:200].split())
+                    hint = _refused_hint(resp.status_code, secret, aggregator) or _not_found_hint(resp.status_code)
+                    write(f"[HTTP {resp.status_code}] {_shown(body)}{hint}")
                     return 1
                 text, end = screen
                 write("-" * 30)
@@ -205,7 +251,13 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
         except asyncio.CancelledError:
             # Ctrl-C (asyncio.run cancels this task on SIGINT): the user hung up, as when stdin closes; main()
             # turns the KeyboardInterrupt that asyncio.run raises next into exit 1.
-            write("")
+            with contextlib.suppress(BrokenPipeError):
+                write("")
+            await hang_up()
+            raise
+        except BrokenPipeError:
+            # `dial ... | head -3`: the reader of the screens left, as one who hangs up; run() exits as a Unix tool
+            # killed by SIGPIPE.
             await hang_up()
             raise
 
@@ -258,10 +310,41 @@ def _refused_hint(status: int, secret: str | None, aggregator: str = africastalk
             f"{allowlist})")
 
 
-def _url_problem(url: str) -> str | None:
+def _network_problem(exc: httpx.HTTPError) -> str:
+    """`exc` in one line that says what to check: a timeout's own text is empty ("ReadTimeout: "), and "All
+    connection attempts failed" does not say that nothing listens there."""
+    said = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{said}: no answer within {TIMEOUT:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return f"{said} (is the gateway running there? `main.py run` or `serve`; --url its address)"
+    return said
+
+
+def _not_found_hint(status: int) -> str:
+    if status != 404:
+        return ""
+    return " (no USSD endpoint at this URL: --url is the gateway's base URL, e.g. http://127.0.0.1:8080)"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine by its name or address alone (localhost, 127.0.0.0/8, ::1), without
+    resolving it: a name that resolves to 127.0.0.1 today may not tomorrow."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, which Python 3.11 does not call loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
     """Why `url` cannot be called, or None. httpx's InvalidURL (a port that is no number: `PORT=abc`, `--url
     http://host:x`) is no HTTPError, and a port past 65535 failed inside the connection (an OverflowError): both
-    were tracebacks."""
+    were tracebacks. Another machine only with `allow_remote`: the dial sends it the aggregator's callback secret
+    and a member's number, and any gateway on it takes the calls as a member's (a PIN prompt on her phone)."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -270,21 +353,49 @@ def _url_problem(url: str) -> str | None:
         return "give a URL such as http://127.0.0.1:8080"
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         return f"invalid port {parsed.port} (a number from 1 to 65535)"
+    if not allow_remote and not is_loopback(parsed.host):
+        return (f"{parsed.host} is not this machine (localhost, 127.0.0.1, ::1), and dial sends the aggregator's "
+                f"callback secret and a member's number: {ALLOW_REMOTE} to dial a gateway elsewhere")
     return None
 
 
+def run(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
+        aggregator: str = africastalking.NAME, allow_remote: bool = False) -> int:
+    """dial() as a command (both entry points): its exit code; 1 when hung up with Ctrl-C, 141 (SIGPIPE's) when
+    what reads its output is gone."""
+    try:
+        return asyncio.run(dial(service_code, phone, base_url, secret, aggregator=aggregator,
+                                allow_remote=allow_remote))
+    except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]" (README: exit 1, hung up)
+        return 1
+    except BrokenPipeError:
+        # Nothing more written there: the interpreter's own flush at exit would say "Exception ignored".
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+USAGE = f"usage: dial SERVICE_CODE PHONE [BASE_URL] [SECRET] [{'|'.join(AGGREGATORS)}] [{ALLOW_REMOTE}]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m channels.ussd.dial CODE PHONE [URL] [SECRET] [AGGREGATOR]` when main.py is not at hand."""
+    """`python -m channels.ussd.dial CODE PHONE [URL] [SECRET] [AGGREGATOR] [--allow-remote]` when main.py is not at
+    hand: the number and the URL checked as main.py's `dial` checks them."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or (len(args) > 4 and args[4] not in AGGREGATORS):
-        print(f"usage: dial SERVICE_CODE PHONE [BASE_URL] [SECRET] [{'|'.join(AGGREGATORS)}]", file=sys.stderr)
+    allow_remote = ALLOW_REMOTE in args
+    args = [arg for arg in args if arg != ALLOW_REMOTE]
+    if not 2 <= len(args) <= 5 or (len(args) > 4 and args[4] not in AGGREGATORS):
+        print(USAGE, file=sys.stderr)
+        return 2
+    aggregator = args[4] if len(args) > 4 else africastalking.NAME
+    try:
+        caller(args[1], aggregator)
+    except DialError as exc:  # a traceback from core.phone before
+        print(USAGE, file=sys.stderr)
+        print(f"dial: error: argument phone: {exc}", file=sys.stderr)
         return 2
     base = args[2] if len(args) > 2 else "http://127.0.0.1:8080"
-    try:
-        return asyncio.run(dial(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None,
-                                aggregator=args[4] if len(args) > 4 else africastalking.NAME))
-    except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]"
-        return 1
+    return run(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None, aggregator=aggregator,
+               allow_remote=allow_remote)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from typing import Any
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from channels.ussd.dial import dial
+from channels.ussd.dial import DialError, caller, dial
 from core.models import Member, Payment, UssdSession
 
 
@@ -154,6 +155,8 @@ async def test_dial_says_when_the_service_is_down(aggregator: str) -> None:
     assert code == 1
     [line] = printed
     assert line.startswith(f"[network error calling http://127.0.0.1:{port}/ussd/{aggregator}: ConnectError"), line
+    # "All connection attempts failed" did not say that nothing listens there.
+    assert line.endswith(" (is the gateway running there? `main.py run` or `serve`; --url its address)]"), line
 
 
 # --- The exact requests, against a scripted endpoint that fails on any request it does not expect.
@@ -296,3 +299,152 @@ async def test_a_gateways_control_characters_are_printed_as_escapes(aggregator: 
     else:
         assert code == 1 and shown == ["[HTTP 500] oops\\x1b[2J"]
     assert not any("\x1b" in line or "\x07" in line for line in printed)
+
+
+# --- Whose number, which machine (`dial` checks both before it sends anything).
+
+def unexpected(request: httpx.Request) -> httpx.Response:
+    pytest.fail(f"nothing should have been sent: {request.method} {request.url}")
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+@pytest.mark.parametrize("phone", ["+250788000001", "+254712345678", "250788000001"])
+async def test_a_ghanaian_aggregator_refuses_a_number_of_another_country(aggregator: str, phone: str) -> None:
+    # Hubtel and Nalo carry Ghana's networks only: a Rwandan member's number through them went to the gateway (which
+    # takes it) as a call neither aggregator ever sends.
+    with pytest.raises(DialError) as refused:
+        await dial(GH_CODE, phone, "http://127.0.0.1:9", aggregator=aggregator, read=lambda _prompt: None,
+                   write=lambda line: pytest.fail(line), transport=httpx.MockTransport(unexpected))
+    region = "RW" if "250" in phone else "KE"
+    assert str(refused.value) == (f"{phone!r}: a number of {region}; {aggregator} carries calls from GH numbers "
+                                  f"only (dial another country's number through africastalking)")
+
+
+@pytest.mark.parametrize(("aggregator", "phone", "sent"), [
+    ("hubtel", "0244123456", "+233244123456"), ("nalo", "+233 20 412 3456", "+233204123456"),
+    ("africastalking", "+250788000001", "+250788000001"), ("africastalking", "0788000001", "+250788000001"),
+    ("africastalking", "+233244123456", "+233244123456"), ("africastalking", "+254712345678", "+254712345678")])
+def test_each_aggregator_dials_the_numbers_it_carries(aggregator: str, phone: str, sent: str) -> None:
+    # Africa's Talking keeps what it took: any mobile number (the gateway takes any from it, for a cooperative of
+    # any country it serves), a local one read as the default region's.
+    assert caller(phone, aggregator) == sent
+
+
+@pytest.mark.parametrize("url", ["http://192.0.2.1:8080", "https://gateway.example", "http://10.0.0.5:8080",
+                                 "http://127.0.0.1.example:8080", "http://[2001:db8::1]:8080"])
+async def test_dial_refuses_another_machine_without_allow_remote(url: str) -> None:
+    # The callbacks carry the aggregator's secret and a member's number, and a gateway takes them as hers: only to
+    # this machine unless the operator says otherwise. Refused before any request (the transport fails on one).
+    printed: list[str] = []
+    code = await dial("*384*123#", "+250788000001", url, secret="k", read=lambda _prompt: None,
+                      write=printed.append, transport=httpx.MockTransport(unexpected))
+    host = httpx.URL(url).host
+    assert code == 2 and printed == [
+        f"[cannot call {url}/ussd/africastalking: {host} is not this machine (localhost, 127.0.0.1, ::1), and dial "
+        "sends the aggregator's callback secret and a member's number: --allow-remote to dial a gateway elsewhere]"]
+
+
+@pytest.mark.parametrize(("url", "allow_remote"), [
+    ("http://127.0.0.1:9", False), ("http://localhost:9", False), ("http://LOCALHOST.:9", False),
+    ("http://[::1]:9", False), ("http://127.0.0.2:9", False), ("http://[::ffff:127.0.0.1]:9", False),
+    ("http://192.0.2.1:8080", True)])
+async def test_dial_calls_this_machine_and_another_one_allowed(url: str, allow_remote: bool) -> None:
+    called: list[str] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        called.append(str(request.url))
+        return httpx.Response(200, text="END Bye")
+
+    code = await dial("*384*123#", "+250788000001", url, allow_remote=allow_remote, read=lambda _prompt: None,
+                      write=lambda _line: None, transport=httpx.MockTransport(endpoint))
+    assert code == 0 and called == [f"{url.lower()}/ussd/africastalking"]
+
+
+async def test_dial_calls_this_machine_past_the_environments_proxy(client: Any, demo: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through HTTP_PROXY/ALL_PROXY (httpx reads them) a proxy elsewhere got the callbacks and the secret in their
+    # query, for an address only this machine reaches. The proxy here is on this machine, and answers 502 if called.
+    proxied: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        proxied.append(await reader.readline())
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for variable in ("HTTP_PROXY", "ALL_PROXY", "http_proxy"):
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    printed: list[str] = []
+    async with server:
+        code = await dial("*384*123#", "+250788000002", str(client.server.make_url("")), secret="k",
+                          read=lambda _prompt: None, write=printed.append)
+    assert proxied == [] and code == 1 and printed[1].startswith("Welcome to Kigali Heights"), (proxied, printed)
+
+
+@pytest.mark.parametrize(("exc", "says"), [
+    (httpx.ReadTimeout(""), "ReadTimeout: no answer within 20 s"),
+    (httpx.ConnectTimeout("timed out"), "ConnectTimeout: timed out: no answer within 20 s"),
+    (httpx.RemoteProtocolError("Server disconnected\nwithout sending a response."),
+     "RemoteProtocolError: Server disconnected without sending a response.")])
+async def test_a_network_failure_is_said_in_one_line(exc: httpx.HTTPError, says: str) -> None:
+    # A timeout's own text is empty: "[network error calling ...: ReadTimeout: ]" said nothing of what happened.
+    def endpoint(_request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    printed: list[str] = []
+    code = await dial("*384*123#", "+250788000001", "http://127.0.0.1:9", read=lambda _prompt: None,
+                      write=printed.append, transport=httpx.MockTransport(endpoint))
+    assert code == 1 and printed == [f"[network error calling http://127.0.0.1:9/ussd/africastalking: {says}]"]
+
+
+@pytest.mark.parametrize(("status", "body", "line"), [
+    (502, "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+          "</center>\r\n</body>\r\n</html>\r\n",
+     "[HTTP 502] <html> <head><title>502 Bad Gateway</title></head> <body> <center><h1>502 Bad Gateway</h1>"
+     "</center> </body> </html>"),
+    (404, '{"statusCode": 404,\n "message": "Cannot POST /v1/ussd/africastalking"}',
+     '[HTTP 404] {"statusCode": 404, "message": "Cannot POST /v1/ussd/africastalking"} (no USSD endpoint at this '
+     "URL: --url is the gateway's base URL, e.g. http://127.0.0.1:8080)")])
+async def test_a_refusal_is_said_in_one_line(status: int, body: str, line: str) -> None:
+    # A proxy's HTML error page was printed over seven lines, its \r as escapes; a 404 (--url with a path) said
+    # nothing of what to change.
+    printed: list[str] = []
+    code = await dial("*384*123#", "+250788000001", "http://127.0.0.1:9", read=lambda _prompt: None,
+                      write=printed.append,
+                      transport=httpx.MockTransport(lambda _request: httpx.Response(status, text=body)))
+    assert code == 1 and printed == [line]
+
+
+def test_an_unreadable_stdin_is_a_hang_up(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The terminal gone (EIO once the SSH connection dropped) was a traceback from the reading thread.
+    from channels.ussd import dial as module
+
+    def gone(_fd: int, _size: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(module.os, "read", gone)
+    monkeypatch.setattr(module.sys, "stdin", object())  # pytest's capture replaces descriptor 0's reader
+    assert module._read_line("> ") is None
+    monkeypatch.setattr(module.sys, "stdin", None)  # started with descriptor 0 closed: not read at all
+    monkeypatch.setattr(module.os, "read", lambda _fd, _size: pytest.fail("read another descriptor 0"))
+    assert module._read_line("> ") is None
+    assert capsys.readouterr().out == "> > "
+
+
+@pytest.mark.parametrize(("env", "url"), [
+    ({"PUBLIC_BASE_URL": "http://localhost:8090", "PORT": "8090"}, "http://localhost:8090"),
+    ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "0.0.0.0", "PORT": "8090"}, "http://127.0.0.1:8090"),
+    ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "::", "PORT": "8090"}, "http://[::1]:8090"),
+    ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "10.0.0.5", "PORT": "8090"},
+     "https://pay.example.org --allow-remote")])
+def test_runs_banner_dials_this_process(settings_factory: Any, env: dict[str, str], url: str) -> None:
+    # `run` printed `dial ... --url PUBLIC_BASE_URL`: a tunnel's public address, which dial refuses without
+    # --allow-remote. The banner's command dials the port it listens on, on this machine when it can.
+    from main import _banner
+
+    banner = _banner(settings_factory(**env), {"admin": ("admin", "pw")})
+    assert f"  Terminal phone  : .venv/bin/python main.py dial '*384*123#' +250788000001 --url {url}\n" in banner
