@@ -392,7 +392,7 @@ def test_dial_whose_reader_left_hangs_up_quietly():
     # Hubtel's session was never released. Now: released, and SIGPIPE's exit status as a Unix tool's.
     with _endpoint({"Type": "Response", "Message": "Welcome\n1. Pay", "ClientState": "s1"}) as (url, sent):
         proc = subprocess.Popen([sys.executable, "main.py", "dial", "*713*45#", "0244123456", "--aggregator",
-                                 "hubtel", "--url", url], cwd=ROOT, env=_base_env(), stdin=subprocess.PIPE,
+                                 "hubtel", "--url", url], cwd=ROOT, env=_base_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()  # before the first screen
@@ -404,6 +404,70 @@ def test_dial_whose_reader_left_hangs_up_quietly():
             proc.wait()
     assert proc.returncode == 128 + signal.SIGPIPE and err == "", err
     assert [json.loads(body)["Type"] for body in sent] == ["Initiation", "Release"]
+
+
+def _reader_gone(args: list[str], reply: dict[str, object] | str) -> tuple[int, str, list[bytes]]:
+    """`args` (a dial) run with its standard output a pipe nobody reads, stdout buffered as a terminal user's
+    Python buffers a pipe (no PYTHONUNBUFFERED, which the test run may set): its exit code, stderr, what was sent."""
+    env = {k: v for k, v in _base_env().items() if k != "PYTHONUNBUFFERED"}
+    with _endpoint(reply) as (url, sent):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run([sys.executable, *args, url], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+        finally:
+            os.close(write_end)
+    return result.returncode, result.stderr, sent
+
+
+def test_the_dial_modules_reader_gone_is_sigpipes_exit_too():
+    # `python -m channels.ussd.dial ... | head -0`: its stdout was block-buffered, written at the interpreter's exit
+    # past run()'s handling: "Exception ignored ... BrokenPipeError" and exit 120 (main.py's line-buffered 141).
+    for reply, args in (("END Bye", ["-m", "channels.ussd.dial", "*384*123#", "+250788000001"]),
+                        ("END Bye", ["main.py", "dial", "*384*123#", "+250788000001", "--url"])):
+        code, err, sent = _reader_gone(args, reply)
+        assert code == 128 + signal.SIGPIPE and err == "", (args, code, err)
+        assert len(sent) == 1
+    # A URL refused: nothing sent, and still no "Exception ignored".
+    env = {k: v for k, v in _base_env().items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "channels.ussd.dial", "*384*123#", "+250788000001",
+                                 "http://192.0.2.1:9"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+
+
+def test_dial_whose_reader_left_at_the_last_screen_does_not_release_an_ended_session():
+    # Hubtel's Release ends a session the phone hangs up; one the gateway ended (its reply's Type Release) is over,
+    # and a Release after it is a hang-up Hubtel never sends.
+    code, err, sent = _reader_gone(["main.py", "dial", "*713*45#", "0244123456", "--aggregator", "hubtel", "--url"],
+                                   {"Type": "Release", "Message": "Bye", "ClientState": ""})
+    assert code == 128 + signal.SIGPIPE and err == "", err
+    assert [json.loads(body)["Type"] for body in sent] == ["Initiation"]
+
+
+def test_dial_started_without_stdout_sends_nothing():
+    # `dial ... >&-`: sys.stdout is None, and the prompt's write was an AttributeError traceback from the reading
+    # thread, Hubtel's session opened and never released. Nowhere to show a screen: refused before anything is sent.
+    for args in (["main.py", "dial", "*713*45#", "0244123456", "--aggregator", "hubtel", "--url"],
+                 ["-m", "channels.ussd.dial", "*713*45#", "0244123456"]):
+        with _endpoint({"Type": "Response", "Message": "Welcome\n1. Pay", "ClientState": "s1"}) as (url, sent):
+            if args[0] == "-m":
+                args = [*args, url, "", "hubtel"]
+            else:
+                args = [*args, url]
+            result = subprocess.run([sys.executable, *args], cwd=ROOT, env=_base_env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                                    check=False, preexec_fn=lambda: os.close(1), input="1\n")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr == ("dial: standard output is closed: nowhere to show the gateway's screens "
+                                 "(nothing sent)\n"), result.stderr
+        assert sent == []
 
 
 def test_dial_reads_a_local_number_in_the_aggregators_country():

@@ -207,6 +207,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
         return 2
     params = {"secret": secret} if secret else None
     answer: str | None = None
+    ended = False  # the gateway ended the session: nothing left to release
     # This machine's gateway is called directly: through HTTP_PROXY or ALL_PROXY (trust_env), a proxy elsewhere got
     # the callbacks, the secret in their query, for an address it cannot reach. A remote one (--allow-remote) goes
     # as the environment says.
@@ -238,6 +239,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                     write(f"[HTTP {resp.status_code}] {_shown(body)}{hint}")
                     return 1
                 text, end = screen
+                ended = end
                 write("-" * 30)
                 write(_shown(text))
                 write("-" * 30)
@@ -257,8 +259,10 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
             raise
         except BrokenPipeError:
             # `dial ... | head -3`: the reader of the screens left, as one who hangs up; run() exits as a Unix tool
-            # killed by SIGPIPE.
-            await hang_up()
+            # killed by SIGPIPE. A session the gateway ended (its last screen unshown) is not released again:
+            # Hubtel sends no Release after the gateway's own.
+            if not ended:
+                await hang_up()
             raise
 
 
@@ -362,10 +366,24 @@ def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
 def run(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
         aggregator: str = africastalking.NAME, allow_remote: bool = False) -> int:
     """dial() as a command (both entry points): its exit code; 1 when hung up with Ctrl-C, 141 (SIGPIPE's) when
-    what reads its output is gone."""
+    what reads its output is gone; 2, nothing sent, when started without standard output."""
+    if sys.stdout is None:
+        # Started with descriptor 1 closed (`dial ... >&-`): the prompt's write was an AttributeError traceback
+        # once a session was open (Hubtel's never released). Nowhere to show a screen.
+        if sys.stderr is not None:
+            print("dial: standard output is closed: nowhere to show the gateway's screens (nothing sent)",
+                  file=sys.stderr)
+        return 2
+    with contextlib.suppress(AttributeError, ValueError):
+        # Each line written as it is printed, also into a pipe, as main.py's: block-buffered (`python -m
+        # channels.ussd.dial ... | head`), the screens were written at the interpreter's exit, where a reader gone
+        # was "Exception ignored ... BrokenPipeError" and exit 120, past the handling below.
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
-        return asyncio.run(dial(service_code, phone, base_url, secret, aggregator=aggregator,
+        code = asyncio.run(dial(service_code, phone, base_url, secret, aggregator=aggregator,
                                 allow_remote=allow_remote))
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:  # hung up with Ctrl-C: dial said "[cancelled]" (README: exit 1, hung up)
         return 1
     except BrokenPipeError:
