@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import signal
+import ssl
 import sys
 import threading
 import unicodedata
@@ -211,8 +212,11 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     # This machine's gateway is called directly: through HTTP_PROXY or ALL_PROXY (trust_env), a proxy elsewhere got
     # the callbacks, the secret in their query, for an address it cannot reach. A remote one (--allow-remote) goes
     # as the environment says.
-    local = is_loopback(httpx.URL(url).host)
-    async with httpx.AsyncClient(timeout=TIMEOUT, transport=transport, trust_env=not local) as http:
+    # A transport of its own is what keeps the environment's proxies off (httpx reads them only for its default
+    # one): trust_env=False also dropped SSL_CERT_FILE and SSL_CERT_DIR, the CA of a TLS terminator on this machine.
+    if transport is None and is_loopback(httpx.URL(url).host):
+        transport = httpx.AsyncHTTPTransport()
+    async with httpx.AsyncClient(timeout=TIMEOUT, transport=transport) as http:
 
         async def hang_up() -> None:
             closing = handset.hang_up()
@@ -321,8 +325,24 @@ def _network_problem(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"{said}: no answer within {TIMEOUT:g} s"
     if isinstance(exc, httpx.ConnectError):
+        # A TLS handshake that failed is a ConnectError too, from a gateway that is running: not "is it running?".
+        tls = _cause(exc, ssl.SSLError)
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            return f"{said} (TLS: its certificate is not trusted here; SSL_CERT_FILE names the CA that signed it)"
+        if tls is not None:
+            return f"{said} (TLS failed: a gateway serving plain HTTP, as `run` and `serve` do, is called with http://)"
         return f"{said} (is the gateway running there? `main.py run` or `serve`; --url its address)"
     return said
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` among what `exc` was raised from (httpx's from httpcore's from ssl's)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain is short; a cycle is not followed forever
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _not_found_hint(status: int) -> str:

@@ -448,3 +448,82 @@ def test_runs_banner_dials_this_process(settings_factory: Any, env: dict[str, st
 
     banner = _banner(settings_factory(**env), {"admin": ("admin", "pw")})
     assert f"  Terminal phone  : .venv/bin/python main.py dial '*384*123#' +250788000001 --url {url}\n" in banner
+
+
+async def _plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_tls_failure_is_not_said_to_be_a_gateway_down() -> None:
+    # `--url https://127.0.0.1:8080` to `run` (plain HTTP): the TLS handshake fails (a ConnectError too), and the
+    # line asked whether the gateway was running, which it was.
+    server = await asyncio.start_server(_plain_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    printed: list[str] = []
+    async with server:
+        code = await dial("*384*123#", "+250788000001", f"https://127.0.0.1:{port}", read=lambda _prompt: None,
+                          write=printed.append)
+    assert code == 1
+    [line] = printed
+    assert "is the gateway running there?" not in line, line
+    assert line.endswith(" (TLS failed: a gateway serving plain HTTP, as `run` and `serve` do, is called with "
+                         "http://)]"), line
+
+
+def _self_signed(tmp_path: Any) -> tuple[Any, Any]:
+    """A certificate for 127.0.0.1 and its key, written as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_dial_calls_this_machine_over_tls_the_environment_trusts(tmp_path: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gateway behind a TLS terminator on this machine, its certificate trusted through SSL_CERT_FILE: the call
+    # past the environment's proxy (trust_env=False) stopped reading SSL_CERT_FILE too, and failed verification.
+    import ssl
+
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+
+    async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nEND Bye")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endpoint, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")  # a proxy that is not there: called directly still
+    printed: list[str] = []
+    async with server:
+        code = await dial("*384*123#", "+250788000001", f"https://127.0.0.1:{port}", read=lambda _prompt: None,
+                          write=printed.append)
+    assert code == 0 and printed[1] == "Bye", printed
