@@ -625,7 +625,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             # Its dispute, and those of the refunds it may withdraw (_withdraw_unsent), are noted below, after the
             # payment is locked: locked first, as a refund made during the dispute (_lock_open_disputes) and a
             # resolution lock it before the payment, or a late success deadlocks against them (record_refund_outcome
-            # locks its own so too).
+            # locks them so too). Every dispute of the payment: one being resolved is waited for.
             await _lock_disputes_noted(session, refund)
         # Read fresh under the lock: an instance the session already holds (loaded before another refund of this
         # payment completed and committed) would count from a stale total, and a second outcome recorded at the
@@ -711,14 +711,17 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
 
 
 async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
-    """The disputes a late success of `refund` notes (its own, and those of the payment's refunds waiting to be
-    sent, which _withdraw_unsent may withdraw), locked in id order before the payment. One probe; a late success
-    is rare."""
-    waiting = select(Refund.dispute_id).where(Refund.payment_id == refund.payment_id,
-                                              Refund.status == R.PENDING.value, Refund.dispute_id.is_not(None))
-    linked = Dispute.id.in_(waiting) if refund.dispute_id is None else or_(Dispute.id == refund.dispute_id,
-                                                                             Dispute.id.in_(waiting))
-    await session.execute(select(Dispute.id).where(linked).order_by(Dispute.id).with_for_update())
+    """Every dispute of the refund's payment, locked in id order before the payment: those a late success of
+    `refund` notes (its own, and those of the payment's refunds waiting to be sent, which _withdraw_unsent may
+    withdraw), and one being resolved right now. A resolution in the member's favour without a refund of its own
+    links, and so locks, the payment's refunds not yet settled after its dispute (core.disputes._rely_on_unsettled):
+    _withdraw_unsent, which skips a refund another transaction holds, left the one it held PENDING, to be sent,
+    and the member was paid back twice (flagged only once that one completed). Waiting here for the dispute, the
+    late success then finds it linked and free, and withdraws it. All of them, whatever their status: read by status,
+    a dispute resolved while this waited for it would be left out, and locked later, after the payment (its note).
+    One probe of the payment's few disputes; a late success is rare."""
+    await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id)
+                          .order_by(Dispute.id).with_for_update())
 
 
 async def _her_row_first(session: AsyncSession | AsyncConnection, payments: Any) -> None:
@@ -1219,10 +1222,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     if R(refund.status) is R.COMPLETED or (R(refund.status) is R.FAILED and not succeeded):
         raise Conflict(f"refund is already {refund.status}", field="status", code=INVALID_STATE)
     if succeeded and R(refund.status) is R.FAILED:
-        # A late success notes its own dispute and those of the refunds it may withdraw (_withdraw_unsent): all
-        # locked now, before the payment (locked below for the statement line's id), as apply_refund_outcome
-        # locks them for a provider's late word; else a refund asked for on such a disputed payment at the same
-        # moment (its dispute, then the payment) deadlocks against this.
+        # A late success notes its own dispute and those of the refunds it may withdraw (_withdraw_unsent): the
+        # payment's disputes, all locked now (_lock_disputes_noted), before the payment (locked below for the
+        # statement line's id), as apply_refund_outcome locks them for a provider's late word; else a refund asked
+        # for on such a disputed payment at the same moment (its dispute, then the payment) deadlocks against this,
+        # and a resolution linking a refund waiting to be sent held it while this withdrew the others.
         await _lock_disputes_noted(session, refund)
     elif refund.dispute_id is not None:
         # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
