@@ -874,8 +874,15 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     # it) locks the refund, then its payment; taken the other way, a late word on a settled refund of hers (failed
     # after all, sent back after all) and the erasure deadlocked, and one was rolled back. (A success takes her row
     # first, FOR KEY SHARE: core.refunds._her_row_first; it waits for this erasure's lock, or this one for it.)
+    # The settled ones first, the open ones after (each in id order): a late success on a payment of no member (from
+    # her number: no row of hers to wait on) locks its refund, then the payment, then withdraws the refunds not yet
+    # sent that another transaction does not hold (core.refunds._withdraw_unsent, SKIP LOCKED). Locked in id order
+    # alone, an open one before it was held here while this waited for the late one: it was skipped, left PENDING
+    # and sent (the member paid back twice), and this erasure refused for it. Now it waits first, then finds it
+    # withdrawn.
     refunds = (await session.execute(select(Refund.status).join(Payment, Payment.id == Refund.payment_id)
-                                     .where(of_hers).order_by(Refund.id).with_for_update(of=Refund))).scalars().all()
+                                     .where(of_hers).order_by(Refund.status.in_(OPEN_REFUND_VALUES), Refund.id)
+                                     .with_for_update(of=Refund))).scalars().all()
     if not any(status in OPEN_REFUND_VALUES for status in refunds):
         # The disputes of her payments (_erase_disputes writes them) after the refunds, before the payments: a
         # refund's late outcome locks the refund, its disputes, then the payment (core.refunds), and a resolution

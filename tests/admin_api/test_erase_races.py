@@ -900,3 +900,60 @@ async def test_a_help_from_her_number_as_her_erasure_ends_leaves_no_reply_with_h
     assert not any(isinstance(r, BaseException) for r in results), results
     assert results[1].status == 200
     assert await _left_in_clear(rt, jeanne["id"]) == []
+
+
+@requires_pg
+@pytest.mark.parametrize("word", ["recorded", "callback"])
+async def test_a_late_success_on_a_payment_from_her_number_while_she_is_erased_withdraws_the_refund_waiting(
+        rt: Any, admin: Caller, demo: Any, word: str) -> None:
+    """A payment from her number with no member attached (hers: core.members._Hers), whose full refund FAILED, then
+    a second full refund asked for and not yet sent; the first one goes through after all (its callback, or an
+    admin's record) as the desk erases her. The late success takes no row of hers (the payment has no member): it
+    locks its refund, then the payment, then withdraws the refunds not yet sent (core.refunds._withdraw_unsent),
+    skipping one another transaction holds. The erasure locked her refunds in id order, the one waiting first,
+    then waited for the failed one: the late success skipped the refund waiting, it stayed PENDING, the erasure was
+    refused for it (a refund still open), and it was sent: the member was paid back twice. The erasure locks the
+    settled refunds first (those a late word moves), the open ones after: the late success withdraws it."""
+    from core.ports import ProviderOutcome
+    from core.refunds import record_refund_outcome
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
+    failed = await _settled_refund(rt, admin, paid, 50000, "status = 'FAILED', provider_reference = 'RF-LATE-1', "
+                                   "failure_reason = 'declined'")
+    while True:  # the refund waiting, with an id before the failed one's (the erasure locks her refunds in id order)
+        waiting = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                   json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
+        async with rt.sessionmaker() as s:
+            first = (await s.execute(select(Refund.id).where(Refund.id.in_((waiting["id"], failed["id"])))
+                                     .order_by(Refund.id).limit(1))).scalar_one()
+        if first == waiting["id"]:
+            break
+        async with rt.sessionmaker.begin() as s:  # (withdrawn: asked again)
+            await s.execute(text("UPDATE refunds SET status = 'FAILED', failure_reason = 'x' WHERE id = :id"),
+                            {"id": waiting["id"]})
+            await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                            {"k": f"refund:{waiting['id']}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def late_success() -> Any:
+        if word == "callback":
+            return await _refund_word(rt, event_id="late-1", reference="RF-LATE-1",
+                                      outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-RF-9")
+        async with _patient(rt) as s:
+            return await record_refund_outcome(s, rt, refund_id=failed["id"], cooperative_id=None, succeeded=True,
+                                               note="on the statement", actor=ADMIN, provider_transaction_id="MTN-RF-9")
+
+    # Both line up for the payment: the late success (holding the failed refund) first.
+    late, erased = await _lined_up(rt, _held(Payment, paid.id), late_success(), _erased(rt, jeanne["id"]))
+    assert not isinstance(late, BaseException), late
+    async with rt.sessionmaker() as s:
+        left = await s.get(Refund, waiting["id"])
+        job = (await s.execute(select(OutboxJob.status).where(OutboxJob.dedupe_key == f"refund:{waiting['id']}"))
+               ).scalar_one()
+        payment = await s.get(Payment, paid.id)
+    assert (left.status, job) == ("FAILED", "DONE"), (left.status, left.failure_reason, job, erased)
+    assert (payment.status, payment.refunded_minor) == ("REFUNDED", 50000)
+    # Nothing of hers left open: the erasure, which waited for the late success, went through.
+    assert not isinstance(erased, BaseException), erased
+    assert (erased.name, erased.phone_enc) == ("Erased member", None)
