@@ -874,21 +874,21 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     # it) locks the refund, then its payment; taken the other way, a late word on a settled refund of hers (failed
     # after all, sent back after all) and the erasure deadlocked, and one was rolled back. (A success takes her row
     # first, FOR KEY SHARE: core.refunds._her_row_first; it waits for this erasure's lock, or this one for it.)
-    # The settled ones first, the open ones after (each in id order): a late success on a payment of no member (from
-    # her number: no row of hers to wait on) locks its refund, then the payment, then withdraws the refunds not yet
-    # sent that another transaction does not hold (core.refunds._withdraw_unsent, SKIP LOCKED). Locked in id order
-    # alone, an open one before it was held here while this waited for the late one: it was skipped, left PENDING
-    # and sent (the member paid back twice), and this erasure refused for it. Now it waits first, then finds it
-    # withdrawn.
-    refunds = (await session.execute(select(Refund.status).join(Payment, Payment.id == Refund.payment_id)
-                                     .where(of_hers).order_by(Refund.status.in_(OPEN_REFUND_VALUES), Refund.id)
-                                     .with_for_update(of=Refund))).scalars().all()
-    if not any(status in OPEN_REFUND_VALUES for status in refunds):
+    # The settled ones only: one still open is refused below, and held here it was skipped by the refunds' withdrawal
+    # (core.refunds._withdraw_unsent, SKIP LOCKED: a chargeback, a late success of another refund) on a payment of no
+    # member (from her number: no row of hers to wait on), which this erasure then waited for: it was left PENDING
+    # and sent (the member paid back twice), and this erasure refused for it all the same. Now withdrawn.
+    await session.execute(select(Refund.id).join(Payment, Payment.id == Refund.payment_id)
+                          .where(of_hers, Refund.status.not_in(OPEN_REFUND_VALUES)).order_by(Refund.id)
+                          .with_for_update(of=Refund))
+    open_before = (await session.execute(
+        select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
+        .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
+    if not open_before:
         # The disputes of her payments (_erase_disputes writes them) after the refunds, before the payments: a
         # refund's late outcome locks the refund, its disputes, then the payment (core.refunds), and a resolution
-        # or a refund asked for its dispute, then the payment. A resolution relying on her refunds still open locks
-        # them after its dispute (core.disputes._rely_on_unsettled): with one open the erasure is refused below,
-        # and waiting for the dispute then was a deadlock.
+        # or a refund asked for its dispute, then the payment. With a refund open the erasure is refused below
+        # (even if it settles meanwhile: its disputes were not locked before the payments).
         await session.execute(select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
                               .order_by(Dispute.id).with_for_update(of=Dispute))
     statuses = (await session.execute(select(Payment.status).where(of_hers)
@@ -899,7 +899,7 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
                        "erase the member once they have settled", code=INVALID_STATE)
     open_refunds = (await session.execute(
         select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
-        .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
+        .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one() or open_before
     if open_refunds:
         raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
                        "erase the member once they have settled", code=INVALID_STATE)

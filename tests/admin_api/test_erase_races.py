@@ -386,7 +386,8 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
     without a refund of its own (core.disputes._rely_on_unsettled links them) while an admin erases her: the erasure
     locks her refunds in id order (core.members._refuse_open_money), the resolution's UPDATE locked them as it read
     them (the older first), and PostgreSQL ended the deadlock by rolling one of the two back. Taken in id order,
-    the resolution waits: the erasure is refused for the refunds still open (409), the dispute resolved on them."""
+    the resolution waited. Now the erasure locks no refund still open: it is refused for them (409) without waiting,
+    and the dispute is resolved on them."""
     jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
     older, newer = ({"id": "0"}, {"id": "1"})
     while older["id"] < newer["id"]:  # (random ids: tried again, on another payment, until the older has the greater)
@@ -403,8 +404,19 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
             return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
                                       actor=ADMIN, note="refunded already, on its way")
 
-    # Both line up for the refund of the lower id: the erasure first.
-    refused, done = await _lined_up(rt, _held(Refund, newer["id"]), _erased(rt, jeanne["id"]), resolved())
+    # The refund of the lower id held (as the resolution's UPDATE held it): the erasure no longer locks a refund still
+    # open (core.members._refuse_open_money: it is refused for it), so it does not wait for it; the resolution does.
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()
+        await blocker.execute(_held(Refund, newer["id"]))
+        refused = await asyncio.wait_for(asyncio.gather(_erased(rt, jeanne["id"]), return_exceptions=True), 10)
+        resolving = asyncio.create_task(resolved())
+        await waiting_for_locks(rt, 1)
+        await blocker.commit()
+        [refused], done = refused, await resolving
+    finally:
+        await blocker.close()
     assert isinstance(refused, Conflict) and "refund(s) still open" in str(refused), refused
     assert isinstance(done, Dispute) and done.status == "RESOLVED", done
     async with rt.sessionmaker() as s:
@@ -957,3 +969,41 @@ async def test_a_late_success_on_a_payment_from_her_number_while_she_is_erased_w
     # Nothing of hers left open: the erasure, which waited for the late success, went through.
     assert not isinstance(erased, BaseException), erased
     assert (erased.name, erased.phone_enc) == ("Erased member", None)
+
+
+@requires_pg
+async def test_a_chargeback_on_a_payment_from_her_number_while_she_is_erased_withdraws_the_refund_waiting(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """A payment from her number with no member attached (hers: core.members._Hers), a full refund of it asked for
+    and not yet sent, and the provider's reversal of it recorded (returnedByProvider) as the desk erases her. The
+    chargeback takes no row of hers (the payment has no member): it locks the payment, then withdraws the refunds
+    not yet sent that no other transaction holds (core.refunds._withdraw_unsent, SKIP LOCKED). The erasure held the
+    refund waiting (it locked her open refunds too) while it waited for the payment: the chargeback skipped it, it
+    stayed PENDING and was sent (the member paid back twice, flagged only once it completed), and the erasure was
+    refused for it. The erasure no longer locks a refund still open (it is refused for one anyway): the chargeback
+    withdraws it, and the erasure is refused as before (a refund was open when it looked)."""
+    from core.money import Money
+    from core.refunds import ReturnedByProvider, request_refund
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
+    waiting = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                               json={"amount": 50000, "reason": "paid twice", "idempotencyKey": idem()})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def chargeback() -> Any:
+        async with _patient(rt) as s:
+            return await request_refund(s, rt, payment_id=paid.id, cooperative_id=None, amount=Money(50000, "RWF"),
+                                        reason=None, idempotency_key=idem(), actor=ADMIN,
+                                        returned=ReturnedByProvider("MTN-REV-1"))
+
+    # Both line up for the payment: the chargeback first.
+    recorded, erased = await _lined_up(rt, _held(Payment, paid.id), chargeback(), _erased(rt, jeanne["id"]))
+    assert not isinstance(recorded, BaseException), recorded
+    async with rt.sessionmaker() as s:
+        left = await s.get(Refund, waiting["id"])
+        payment = await s.get(Payment, paid.id)
+    assert (left.status, (left.failure_reason or "")[:9]) == ("FAILED", "not sent:"), (left.status, erased)
+    assert (payment.status, payment.refunded_minor, payment.mismatch) == ("REFUNDED", 50000, False)
+    # The erasure saw the refund open (it is refused for one, as before: erased again, it goes through).
+    assert isinstance(erased, Conflict) and "refund(s) still open" in str(erased), erased
