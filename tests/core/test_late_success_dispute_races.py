@@ -331,3 +331,22 @@ async def test_a_payment_taken_late_while_its_dispute_is_resolved_with_a_refund(
     else:
         assert row.status == "RESOLVED" and row.refund_id is not None
         await _resolved_once(rt, dispute)
+
+
+async def test_a_late_success_recorded_by_an_admin_while_a_resolution_holds_the_refund_waiting_withdraws_it(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """The same recorded by an admin from the statement (core.refunds.record_refund_outcome, COMPLETED on a FAILED
+    refund): it waits for the resolution, then withdraws the refund it relied on."""
+    from core.refunds import record_refund_outcome
+
+    payment, failed, waiting, dispute = await _setup(rt, demo)
+
+    async def recorded(s: Any) -> Any:
+        return await record_refund_outcome(s, rt, refund_id=failed.id, cooperative_id=None, succeeded=True,
+                                           note="on the statement", actor=ADMIN, provider_transaction_id="RF-LATE")
+
+    results = await _first_held(rt, _resolution(rt, dispute), recorded)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    await _withdrawn_once(rt, waiting, payment)
+    await _resolved_once(rt, dispute)
+
