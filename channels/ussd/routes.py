@@ -192,6 +192,10 @@ class UssdChannel:
                 finishing = True
                 raise HopUnsettled("hop still finishing its side effect")
             task.cancel()
+            if progress.unwritten:
+                # Cut off before its session's row was known written: counted as an opening hop without its row
+                # (its close failing too, there is most likely no row for Hubtel's and Nalo's sweep to count).
+                raise OpeningUnwritten("session row not written: hop over budget") from TimeoutError("hop over budget")
             raise TimeoutError("hop over budget")
         finally:
             if not finishing:

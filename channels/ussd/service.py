@@ -20,6 +20,7 @@ from channels.ussd.types import (
     UssdTurn,
     extends,
     extension_of,
+    row_unwritten,
     side_effect_began,
 )
 from core import metrics
@@ -205,6 +206,8 @@ class UssdService:
                 # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
                 # two. Both finish before the hop answers (or fails); the first error is the hop's.
                 opened, saved = await asyncio.gather(opening(), saving, return_exceptions=True)
+                if opened is None:
+                    row_unwritten(False)
                 if isinstance(opened, Exception) and not isinstance(saved, sessions.Stored):
                     # The row not written: the session is this hop's to count (OpeningUnwritten), and what it saved
                     # goes (a later close finding its state but no row counted it again). Not when another copy of
@@ -284,6 +287,8 @@ class UssdService:
         # send only the latest input, drop the key pressed on a lost session).
         stored.acc = turn.accumulated
         written = False
+        if lost is None:
+            row_unwritten(True)  # (cut off by its budget before the row is written: OpeningUnwritten, routes.run_hop)
         try:
             if extension:
                 coop = await flows.cooperative_by_extension(rt, extension.split("*")[0])
@@ -301,6 +306,7 @@ class UssdService:
                                                             service_code=dialled, network=turn.network)
                     if found is not None:
                         written = True
+                        row_unwritten(False)
                         return found
                 return await flows.memberships(ctx)
 

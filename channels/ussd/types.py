@@ -64,12 +64,17 @@ class HopProgress:
     Once a flow starts a write the user must hear about (a payment, a dispute, a member), the hop is
     no longer cut short: answering "service unavailable" while the payment goes ahead would leave a
     payer charged for something they were told failed.
+
+    `unwritten`: the hop opens a session whose row is not known written yet (set by UssdService._first_hop, cleared
+    once the row is written): cut off by its budget meanwhile, it is an opening hop without its row
+    (OpeningUnwritten), whose failing close counts the session, as on Africa's Talking.
     """
 
-    __slots__ = ("side_effects",)
+    __slots__ = ("side_effects", "unwritten")
 
     def __init__(self) -> None:
         self.side_effects = False
+        self.unwritten = False
 
 
 class HopUnsettled(Exception):
@@ -95,6 +100,13 @@ def side_effect_began() -> bool:
     """True when the current hop has begun a side effect (see HopProgress)."""
     progress = HOP_PROGRESS.get()
     return progress is not None and progress.side_effects
+
+
+def row_unwritten(unwritten: bool) -> None:
+    """The current hop opens a session whose row is not written yet (True), or is now (False): see HopProgress."""
+    progress = HOP_PROGRESS.get()
+    if progress is not None:
+        progress.unwritten = unwritten
 
 
 def side_effect_started() -> None:

@@ -866,3 +866,35 @@ async def test_a_take_back_never_makes_an_expired_hours_key_again(rt: Any) -> No
     await read.delete(stored.counted_in)
     await sessions.unsave(redis, "nalo", "gone-hour", stored, funnel=["opened"])
     assert await read.exists(funnel_key(datetime.now(UTC))) == 0
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", AT])
+async def test_an_opening_hop_cut_off_while_writing_its_row_with_its_close_failing_is_counted_once(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """The opening hop's row write hangs (the database stalled) past the hop's budget, and the database is away for
+    its close too: answered "service unavailable", the close fails. On Hubtel and Nalo a failing close leaves the
+    session to the sweep (its row OPEN), but this one has no row: the session went uncounted (Africa's Talking's
+    hop counted it). Counted once, unavailable, on all three."""
+    from channels.ussd.routes import USSD
+
+    async def apart(*_args: Any, **_kwargs: Any) -> None:
+        return None  # no row written with the memberships: records.opened() writes it beside the save
+
+    async def stalled(*_args: Any, **_kwargs: Any) -> None:
+        await asyncio.sleep(30)
+
+    async def database_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("database went away")
+
+    channel = client.app[USSD]
+    session_id = f"{aggregator}-cut-off-unwritten"
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(channel, "budget", 0.3)
+        patched.setattr(records, "opened_reading", apart)
+        patched.setattr(records, "opened", stalled)
+        patched.setattr(records, "closed", database_down)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await channel.settled()
+    await _after_the_end(client, rt, aggregator, phone, "Release")
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
