@@ -118,11 +118,14 @@ class UssdService:
         if stored is not None and stored.reply is not None and turn.hop_key is not None \
                 and stored.hop == turn.hop_key:
             # The aggregator retried a hop we already answered: same screen, no side effect again.
+            if stored.hops <= 1:
+                await self._claim(rt, turn, stored)
             return UssdReply(*stored.reply), "retry"
         if stored is not None and turn.is_new and turn.hop_key is None and stored.hops <= 1 \
                 and stored.reply is not None and not stored.state.ended:
             # The opening request again (Nalo, or Hubtel without Sequence, name no hop): the aggregator
             # retried it; answering it as a choice on the menu would show "invalid choice".
+            await self._claim(rt, turn, stored)
             return UssdReply(*stored.reply), "retry"
         if stored is not None and stored.state.ended and stored.reply is not None:
             return UssdReply(stored.reply[0], True), stored.state.screen
@@ -244,12 +247,25 @@ class UssdService:
         return reply, state.screen
 
     @staticmethod
+    async def _claim(rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
+        """A retry of the opening hop answered from the session its first copy saved: claimed (sessions.claim), so
+        that the first copy, should its row write fail, does not take back the session this copy's member goes on
+        from (she saw the menu again at her next key). Best effort: the answer is the session's either way."""
+        try:
+            await sessions.claim(rt.hot_redis, turn.aggregator, turn.session_id, stored)
+        except Exception as exc:
+            log.warning("ussd session of a retried opening hop not claimed",
+                        extra={"session_id": turn.session_id, "error": type(exc).__name__})
+
+    @staticmethod
     async def _unsaved(rt: Any, turn: UssdTurn, stored: sessions.Stored, counted: list[str]) -> None:
         """The session an opening hop saved, and its funnel counts, taken back: its row could not be written and the
         hop is answered "unavailable", so nothing of the session stays (as after a shed opening hop). Best effort:
         a later close that finds the state but no row counts nothing either (records.closed)."""
         try:
-            await sessions.unsave(rt.hot_redis, turn.aggregator, turn.session_id, stored, funnel=counted)
+            if not await sessions.unsave(rt.hot_redis, turn.aggregator, turn.session_id, stored, funnel=counted):
+                log.info("ussd session of an opening hop without its row kept: another copy of the hop answered "
+                         "from it", extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
         except Exception as exc:
             log.warning("ussd session of an opening hop without its row not removed",
                         extra={"session_id": turn.session_id, "error": type(exc).__name__})

@@ -41,19 +41,44 @@ for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], -1) end
 return #ARGV
 """
 # Compare-and-delete of a session. KEYS[1]: the session; ARGV[1]: SHA-1 of the value the hop saved. 1 when deleted,
-# 0 when another copy of the hop wrote it since (its session, left as it is).
+# 0 when there is none, 2 when another copy of the hop wrote it since or answered from it (claimed: see _CLAIM), its
+# session left as it is.
 _DELETE_IF_UNCHANGED = """
 local current = redis.call('GET', KEYS[1])
-if current and redis.sha1hex(current) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if not current then return 0 end
+if redis.sha1hex(current) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 2
 """
+# An opening hop's session claimed by another copy of that hop, which answers from it (its save lost the race, or it
+# read the session and replays its answer): the value is rewritten with "cp" (a copy answered from it) in front, which
+# decode() ignores and the next save drops, so that its SHA-1 is no longer the one the saving copy compares against:
+# that copy's take-back (unsave, its row not written) leaves the session the other copy's member goes on from.
+_CLAIM = """
+if string.sub(current, 1, 6) ~= '{"cp":' then
+  current = '{"cp":1,' .. string.sub(current, 2)
+  redis.call('SET', KEYS[1], current, 'EX', ARGV[3])
+end
+"""
+# A copy of the opening hop replaying the answer of the session it read (ARGV[1]: SHA-1 of it; ARGV[2]: it; ARGV[3]:
+# the TTL) claims it. Taken back meanwhile (the saving copy's row not written), it is put back, claimed: this copy's
+# member goes on from it. Moved on since (a later hop saved it): left as it is.
+_CLAIM_READ = """
+local current = redis.call('GET', KEYS[1])
+if not current then current = ARGV[2] elseif redis.sha1hex(current) ~= ARGV[1] then return 0 end
+""" + _CLAIM + "return 1\n"
 # Compare-and-set of a session. KEYS[1]: the session; ARGV[1]: SHA-1 of the value the hop read ("" when
 # there was none), ARGV[2]: the new value, ARGV[3]: its TTL. 1 when written; else the value another copy of
 # the hop saved meanwhile, returned so the loser answers with it without another round trip. A session
-# gone meanwhile (expired) is written: no copy competes by deleting.
+# gone meanwhile (expired) is written: no copy competes by deleting. A copy of an opening hop (ARGV[1] "") that lost
+# claims the winner's session, which it answers from (_CLAIM).
 _SAVE_IF_UNCHANGED = """
 local current = redis.call('GET', KEYS[1])
-if current and redis.sha1hex(current) ~= ARGV[1] then return current end
+if current and redis.sha1hex(current) ~= ARGV[1] then
+  if ARGV[1] == '' then
+""" + _CLAIM + """
+  end
+  return current
+end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
@@ -234,17 +259,35 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
     return winner
 
 
-async def unsave(redis: Any, aggregator: str, session_id: str, stored: Stored, *, funnel: Sequence[str] = ()) -> None:
+async def unsave(redis: Any, aggregator: str, session_id: str, stored: Stored, *, funnel: Sequence[str] = ()) -> bool:
     """Take back what save() wrote of `stored` (just saved: stored.seen is what it wrote) and the funnel counters it
     added, in one round trip: the session is removed unless something wrote it since. The counters are taken from
     the hour save() counted them in (stored.counted_in), also when the hour has turned since: taken from the new
-    hour's, they were left counted in the old one and made the new one's key at -1, with no expiry."""
+    hour's, they were left counted in the old one and made the new one's key at -1, with no expiry.
+
+    False when the session was left: another copy of the hop answered from it (claimed, _CLAIM) or a later hop wrote
+    it, and its member goes on from it; the counters, taken back in the same trip (another key: another cluster
+    slot), are then counted again (a second round trip, on that rare path only)."""
     pipe = redis.pipeline(transaction=False)
     pipe.eval(_DELETE_IF_UNCHANGED, 1, session_key(aggregator, session_id), stored.seen or "")
-    if funnel and stored.counted_in:
-        pipe.eval(_UNCOUNT_FIELDS, 1, stored.counted_in, *funnel)
+    hour = stored.counted_in if funnel else None
+    if hour:
+        pipe.eval(_UNCOUNT_FIELDS, 1, hour, *funnel)
         stored.counted_in = None
-    await pipe.execute()
+    outcome = (await pipe.execute())[0]
+    if outcome != 2:
+        return True
+    if hour:
+        await redis.eval(_COUNT_FIELDS, 1, hour, FUNNEL_TTL, *funnel)
+    return False
+
+
+async def claim(redis: Any, aggregator: str, session_id: str, stored: Stored) -> None:
+    """A copy of an opening hop answering from the session it read (`stored`) claims it, in one round trip: the copy
+    that saved it, should its row write fail, leaves it (unsave). Only a replay of an opening hop's answer calls this:
+    no other hop's path."""
+    await redis.eval(_CLAIM_READ, 1, session_key(aggregator, session_id), stored.seen or "", encode(stored),
+                     SESSION_TTL)
 
 
 def _saved(stored: Stored, value: bytes, outcome: Any) -> Stored | None:

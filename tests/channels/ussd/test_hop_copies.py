@@ -8,10 +8,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from channels.ussd import sessions
 from core.db import utcnow
 from core.models import Payment
-from core.ops import funnel_key
+from core.ops import FUNNEL_ALL, funnel_field, funnel_key
 from core.phone import normalize
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, option, reference_on
@@ -89,3 +91,92 @@ async def test_two_copies_of_the_opening_hop_answer_alike(client: Any, demo: Any
     assert await first == second
     assert "ussd hop answered twice at once; the first saved answer is given" in caplog.messages
     assert (await phone.send("1")).startswith("CON ")  # and the session goes on from it
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", "africastalking"])
+async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_other_copy_answered_from(
+        aggregator: str, client: Any, demo: Any, rt: Any, aiohttp_client: Any, monkeypatch: Any) -> None:
+    """The aggregator sent the opening request twice, each copy to another serve process. The first saved the session
+    and wrote its row slowly; the second read that session and answered its menu (a retry). The first's row write
+    then failed: answered "unavailable", it took back the session it saved, the one the second copy's member goes on
+    from, and her next key showed her the menu again. The second copy claims the session it answers from: the take-back
+    leaves it (and the funnel's count of its menu), and her next key goes on from the menu."""
+    from channels.ussd import records
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
+    from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_MTN
+
+    answered = asyncio.Event()
+
+    async def apart(*_args: Any, **_kwargs: Any) -> None:
+        return None  # no row written with the memberships: records.opened() writes it beside the save
+
+    async def written_slowly_then_failed(*_args: Any, **_kwargs: Any) -> None:
+        await asyncio.wait_for(answered.wait(), 10)
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(records, "opened_reading", apart)
+    monkeypatch.setattr(records, "opened", written_slowly_then_failed)
+    other = await another_serve_process(rt, aiohttp_client)
+    session_id = f"{aggregator}-two-openings"
+    hour = funnel_key(utcnow())
+    home = int(await rt.redis.hget(hour, funnel_field(FUNNEL_ALL, "home")) or 0)
+
+    async def opening(on: Any) -> str:
+        if aggregator == "hubtel":
+            return str((await HubtelPhone(on, GH_MTN, session_id).post("Initiation", "*384*123#"))["Message"])
+        if aggregator == "nalo":
+            return str((await nalo(on, session_id, "*384*123#", True))["MSG"])
+        return await AtPhone(on, EN_MTN, session_id=session_id).dial()
+
+    first = asyncio.ensure_future(opening(client))
+    while await sessions.load(rt.hot_redis, aggregator, session_id) is None:
+        await asyncio.sleep(0.01)  # the first copy saved the session; its row is being written
+    second = await opening(other)
+    answered.set()
+    assert "unavailable" in await first and "unavailable" not in second
+    await client.app[USSD].settled()
+    kept = await sessions.load(rt.hot_redis, aggregator, session_id)
+    assert kept is not None and kept.state.screen == "home"
+    assert int(await rt.redis.hget(hour, funnel_field(FUNNEL_ALL, "home")) or 0) == home + 1
+    monkeypatch.undo()
+    # Her next key, on the screen the second copy showed her: the payment types, not the menu again.
+    if aggregator == "hubtel":
+        phone = HubtelPhone(other, GH_MTN, session_id)
+        phone.sequence = 1
+        await phone.post("Response", "1")
+    elif aggregator == "nalo":
+        await nalo(other, session_id, "1", False, msisdn=FR_AIRTEL)
+    else:
+        retry = AtPhone(other, EN_MTN, session_id=session_id)
+        await retry.send("1")
+    went_on = await sessions.load(rt.hot_redis, aggregator, session_id)
+    assert went_on is not None and went_on.state.screen != "home" and went_on.hops == 2
+
+
+async def test_a_copy_of_the_opening_hop_that_lost_the_save_keeps_the_winners_session_from_its_take_back(
+        rt: Any) -> None:
+    """Both copies of the opening hop read no session; the first saved, the second lost (compare-and-set) and answers
+    with the first's session. The first's row write then failed and its take-back removed that session (its SHA-1 was
+    still the first's): the second copy's member saw the menu again. The losing save claims it in the same command:
+    the take-back leaves it, and the menu's funnel count stays counted once."""
+    redis, read = rt.hot_redis, rt.redis
+    field = funnel_field(FUNNEL_ALL, "home")
+    first = sessions.Stored(state=sessions.State(screen="home"), hops=1, reply=("CON Welcome", False), seen="")
+    second = sessions.Stored(state=sessions.State(screen="home"), hops=1, reply=("CON Welcome!", False), seen="")
+    assert await sessions.save(redis, "nalo", "lost-save", first, funnel=[field]) is None
+    hour = first.counted_in
+    assert hour is not None
+    counted = int(await read.hget(hour, field) or 0)
+    winner = await sessions.save(redis, "nalo", "lost-save", second, funnel=[field])
+    assert winner is not None and winner.reply == ("CON Welcome", False)
+    assert await sessions.unsave(redis, "nalo", "lost-save", first, funnel=[field]) is False
+    kept = await sessions.load(redis, "nalo", "lost-save")
+    assert kept is not None and kept.reply == ("CON Welcome", False)
+    assert int(await read.hget(hour, field) or 0) == counted
+    # Without a copy answering from it, the take-back removes the session and its count.
+    alone = sessions.Stored(state=sessions.State(screen="home"), hops=1, reply=("CON Welcome", False), seen="")
+    assert await sessions.save(redis, "nalo", "alone", alone, funnel=[field]) is None
+    assert await sessions.unsave(redis, "nalo", "alone", alone, funnel=[field]) is True
+    assert await sessions.load(redis, "nalo", "alone") is None
+    assert int(await read.hget(hour, field) or 0) == counted
