@@ -103,10 +103,17 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
     leaves it (and the funnel's count of its menu), and her next key goes on from the menu."""
     from channels.ussd import records
     from channels.ussd.routes import USSD
-    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
     from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_MTN
+    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
 
-    answered = asyncio.Event()
+    saved, answered = asyncio.Event(), asyncio.Event()
+    real_save = sessions.save
+
+    async def save(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real_save(*args, **kwargs)
+        finally:
+            saved.set()
 
     async def apart(*_args: Any, **_kwargs: Any) -> None:
         return None  # no row written with the memberships: records.opened() writes it beside the save
@@ -117,6 +124,7 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
 
     monkeypatch.setattr(records, "opened_reading", apart)
     monkeypatch.setattr(records, "opened", written_slowly_then_failed)
+    monkeypatch.setattr(sessions, "save", save)
     other = await another_serve_process(rt, aiohttp_client)
     session_id = f"{aggregator}-two-openings"
     hour = funnel_key(utcnow())
@@ -130,8 +138,7 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
         return await AtPhone(on, EN_MTN, session_id=session_id).dial()
 
     first = asyncio.ensure_future(opening(client))
-    while await sessions.load(rt.hot_redis, aggregator, session_id) is None:
-        await asyncio.sleep(0.01)  # the first copy saved the session; its row is being written
+    await asyncio.wait_for(saved.wait(), 10)  # the first copy saved the session; its row is being written
     second = await opening(other)
     answered.set()
     assert "unavailable" in await first and "unavailable" not in second
