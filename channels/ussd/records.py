@@ -81,6 +81,18 @@ def _open_statement(dialect_name: str) -> Any:
                                       where=table.c.started_at < bindparam("previous_before"))
 
 
+@functools.cache
+def _unanswered_statement(dialect_name: str) -> Any:
+    """_open_statement, for a session's row written already closed (its end and error given): the row of a session
+    whose opening hop was answered without its screen and wrote none (unanswered())."""
+    table = table_of(UssdSession)
+    stmt = insert_ignore(dialect_name, table)
+    written = (*_OPENING, "ended_at", "error")
+    fresh = {**{c: stmt.excluded[c] for c in written}, **{c: null() for c in _CLEARED if c not in written}}
+    return stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=fresh,
+                                      where=table.c.started_at < bindparam("previous_before"))
+
+
 def _opening_row(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
                  network: str | None) -> dict[str, Any]:
     """What opened() writes, but the cooperative and the member."""
@@ -90,6 +102,14 @@ def _opening_row(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
         "service_code": service_code[:32], "network_code": (network or "")[:16] or None, "status": "OPEN",
         "hops": 1, "last_screen": None, "started_at": utcnow(),
     }
+
+
+def unanswered_row(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
+                   network: str | None) -> dict[str, Any]:
+    """The row closed() writes for a session whose opening hop wrote none (its `unanswered`): no cooperative, no
+    member, no screen shown."""
+    return {**_opening_row(rt, aggregator=aggregator, session_id=session_id, phone=phone, service_code=service_code,
+                           network=network), "cooperative_id": None, "member_id": None, "hops": 0}
 
 
 async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
@@ -235,7 +255,7 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool, knows_l
 async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Success", hops: int | None = None,
                  last_screen: str | None = None, data: dict[str, Any] | None = None,
                  duration_ms: int | None = None, stateless: bool = False, error: str | None = None,
-                 opening: bool = False, knows_less: bool = False) -> bool:
+                 opening: bool = False, knows_less: bool = False, unanswered: dict[str, Any] | None = None) -> bool:
     """Record the session ended (by its END hop, or Hubtel's Timeout; what the hop does not know, None, is left as
     it is). Returns whether its row was closed before (by the sweep, the aggregator's notice, another hop): that
     close counted the session, so the caller counts no outcome of its own (see _first_close).
@@ -260,6 +280,12 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     `opening`: the close is a hop's of the session, no late notice (its opening hop's, or any hop's ended
     unanswered: UssdService.ended_unanswered): an older row is a previous session's of the id, and this session,
     which has no row, is counted by the caller.
+
+    `unanswered`: with `opening`, the session's row as opened() writes it (unanswered_row()), written closed when
+    there is none: its opening hop was answered without its screen (busy, unavailable) before writing it, and counted
+    the session; the aggregator's retry of that opening request (the same session id) goes on from that row and is
+    not counted a second time (its closes find the row closed: its END, Hubtel's Release, Africa's Talking's notice,
+    the sweep).
 
     `error`: why the session ended so, when the gateway ended it itself (the hop answered busy, unavailable or
     unsettled: UssdService.ended_unanswered), written with the status as the row's end.
@@ -301,6 +327,12 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
                 # without it, see `stateless`.
                 before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless, knows_less),
                                            params) is not None
+                if not before and opening and unanswered is not None:
+                    # The session's row, written closed, as this close counts it: the aggregator's retry of its
+                    # opening request (the same session id) goes on from it, and its own closes count nothing more.
+                    row = {**unanswered, "status": status, "ended_at": values["ended_at"], "error": values.get("error")}
+                    await pgraw.first(conn, _unanswered_statement(conn.dialect.name),
+                                      {**row, "previous_before": row["started_at"] - LONGEST_SESSION}, tuple(row))
                 before = before or not opening
     except Exception:
         if before is None:

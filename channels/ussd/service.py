@@ -473,8 +473,14 @@ class UssdService:
         Talking."""
         try:
             if stored is None:
+                unanswered = records.unanswered_row(
+                    rt, aggregator=turn.aggregator, session_id=turn.session_id, phone=turn.phone,
+                    service_code=dialled_code(turn.service_code, turn.accumulated)
+                    if turn.accumulated and not turn.extension else turn.service_code,
+                    network=turn.network) if opening else None
                 return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
-                                            status=status, stateless=True, error=error, opening=opening)
+                                            status=status, stateless=True, error=error, opening=opening,
+                                            unanswered=unanswered)
             return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                         hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
                                         status=status, duration_ms=int((time.time() - stored.started) * 1000),

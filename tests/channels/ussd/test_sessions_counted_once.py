@@ -563,7 +563,9 @@ async def test_an_opening_hop_answered_unavailable_of_an_id_used_before_is_count
         aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
     """Hubtel and Nalo use a session id again on another day: the previous session's row is there, closed and
     counted. A new session of the id whose opening hop fails (Redis away) before its row is written is answered
-    "service unavailable": that session is counted (unavailable), and the previous session's row is left as it was."""
+    "service unavailable": that session is counted (unavailable), once, and its row, written closed by the hop's close
+    in place of the previous session's (as its opening would have), is this session's: a retry of its opening request
+    goes on from it, counted no more."""
     from channels.ussd import service
     from tests.channels.ussd.test_hubtel_nalo_flows import nalo
 
@@ -585,8 +587,8 @@ async def test_an_opening_hop_answered_unavailable_of_an_id_used_before_is_count
             assert (await nalo(client, session_id, "*384*123#", True))["MSGTYPE"] is False
     assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
     row = await _row(db, session_id)
-    assert (row.status, row.error, row.started_at, row.ended_at) == (
-        previous.status, previous.error, previous.started_at, previous.ended_at)
+    assert (row.status, row.error, row.hops) == ("Incomplete", "unavailable", 0)
+    assert row.started_at > previous.started_at and row.ended_at > previous.ended_at
 
 
 async def test_a_close_writes_its_end_as_every_other_time_is_written(client: Any, demo: Any, db: Any,
@@ -726,8 +728,9 @@ async def test_an_opening_hop_whose_row_write_fails_is_counted_once(aggregator: 
     assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
     assert left is None and home_after == home
     rows = await db.all(UssdSession, UssdSession.session_id == session_id)
-    # Africa's Talking's Success notice writes the row the hop could not; Hubtel and Nalo have none.
-    assert [row.status for row in rows] == (["Success"] if aggregator == AT else [])
+    # The hop's close writes the row closed (unavailable) that its opening could not; Africa's Talking's Success
+    # notice writes its word on it.
+    assert [row.status for row in rows] == (["Success"] if aggregator == AT else ["Incomplete"])
 
 
 @pytest.mark.parametrize("aggregator", ["hubtel", "nalo", AT])
@@ -751,7 +754,8 @@ async def test_an_opening_hop_whose_row_and_close_fail_is_counted_once(aggregato
 async def test_a_session_whose_state_outlived_its_unwritten_row_is_not_counted_again(
         client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
     """The opening hop could not write its row nor take its state back (Redis gone right after the save): Hubtel's
-    Release finds the state and no row, and counts nothing (the hop counted the session, unavailable)."""
+    Release finds the state and the row the hop's close wrote closed, and counts nothing (the hop counted the session,
+    unavailable)."""
     from channels.ussd.routes import USSD
 
     async def redis_away(*_args: Any, **_kwargs: Any) -> None:
@@ -766,7 +770,9 @@ async def test_a_session_whose_state_outlived_its_unwritten_row_is_not_counted_a
     assert await sessions.load(rt.hot_redis, "hubtel", "hubtel-state-kept") is not None
     assert (await phone.post("Release", ""))["Type"] == "Release"
     assert _added(before, _counted("hubtel", "unavailable")) == {"unavailable": 1}
-    assert await db.count(UssdSession, UssdSession.session_id == "hubtel-state-kept") == 0
+    # (The hop's close wrote the row closed, which its opening could not.)
+    assert [row.status for row in await db.all(UssdSession, UssdSession.session_id == "hubtel-state-kept")] == [
+        "Incomplete"]
 
 
 @pytest.mark.parametrize(("aggregator", "kind"), [("hubtel", "Release"), ("hubtel", "Timeout"), ("nalo", ""),
@@ -898,3 +904,39 @@ async def test_an_opening_hop_cut_off_while_writing_its_row_with_its_close_faili
         await channel.settled()
     await _after_the_end(client, rt, aggregator, phone, "Release")
     assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", AT])
+async def test_a_retried_opening_request_after_its_unavailable_answer_is_counted_once(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """The opening hop fails before its row is written (Redis away) and is answered "service unavailable", counted so;
+    the aggregator then sends the opening request again (the same session id), which goes on. It opened a new row,
+    OPEN, and its own end counted the session a second time (Hubtel's Release abandoned, Africa's Talking's notice
+    incomplete, Nalo's sweep timed_out). The failed hop's close writes the session's row closed: the retry goes on
+    from it, and the session is counted once, unavailable (its row then tells what the retry did)."""
+    from channels.ussd import service
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_hubtel_nalo_flows import nalo
+
+    session_id = f"{aggregator}-retried-opening"
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(service.sessions, "load_opening", _redis_down)
+        phone = await _open_unavailable(client, aggregator, session_id)
+        await client.app[USSD].settled()
+    if aggregator == "hubtel":
+        phone = HubtelPhone(client, HUBTEL_EN_MTN, session_id)
+        assert (await phone.post("Initiation", "*384*123#"))["Type"] == "Response"
+        assert (await phone.post("Response", "1"))["Type"] == "Response"
+        assert (await phone.post("Release", ""))["Type"] == "Release"
+    elif aggregator == "nalo":
+        assert (await nalo(client, session_id, "*384*123#", True))["MSGTYPE"] is True
+        assert (await nalo(client, session_id, "1", False))["MSGTYPE"] is True
+    else:
+        phone = AtPhone(client, EN_MTN, session_id=session_id)
+        assert (await phone.dial()).startswith("CON ")
+        assert (await phone.send("1")).startswith("CON ")
+        await _notice(client, session_id, "Incomplete", "user left")
+    assert await records.close_abandoned(rt, now=records.utcnow() + records.ABANDONED_AFTER * 2) == 0
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+    assert (await _row(db, session_id)).status != "OPEN"
