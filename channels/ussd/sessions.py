@@ -70,10 +70,14 @@ if not current then current = ARGV[2] elseif redis.sha1hex(current) ~= ARGV[1] t
 # there was none), ARGV[2]: the new value, ARGV[3]: its TTL. 1 when written; else the value another copy of
 # the hop saved meanwhile, returned so the loser answers with it without another round trip. A session
 # gone meanwhile (expired) is written: no copy competes by deleting. A copy of an opening hop (ARGV[1] "") that lost
-# claims the winner's session, which it answers from (_CLAIM).
+# claims the winner's session, which it answers from (_CLAIM). A session only claimed since it was read is unchanged
+# (the value read, with the claim's marker in front): a late copy of the opening hop claiming it while her next key's
+# hop ran made that hop lose, and she was shown the menu again, her key dropped. (Compared again only when the first
+# comparison fails: a normal hop's save runs as before.)
 _SAVE_IF_UNCHANGED = """
 local current = redis.call('GET', KEYS[1])
-if current and redis.sha1hex(current) ~= ARGV[1] then
+if current and redis.sha1hex(current) ~= ARGV[1]
+    and not (string.sub(current, 1, 8) == '{"cp":1,' and redis.sha1hex('{' .. string.sub(current, 9)) == ARGV[1]) then
   if ARGV[1] == '' then
 """ + _CLAIM + """
   end

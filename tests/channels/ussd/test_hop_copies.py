@@ -187,3 +187,31 @@ async def test_a_copy_of_the_opening_hop_that_lost_the_save_keeps_the_winners_se
     assert await sessions.unsave(redis, "nalo", "alone", alone, funnel=[field]) is True
     assert await sessions.load(redis, "nalo", "alone") is None
     assert int(await read.hget(hour, field) or 0) == counted
+
+
+@pytest.mark.parametrize("claimed_by", ["replay", "lost save"])
+async def test_a_claim_by_a_late_copy_of_the_opening_hop_does_not_undo_her_next_key(claimed_by: str, rt: Any) -> None:
+    """Her opening hop answered, she pressed a key; while that hop runs, a late copy of the opening request (the
+    aggregator sent it twice, to another serve process) claims the opening session it answers from (a replay, or its
+    save that lost). The claim rewrote the session (its marker in front), so her hop's compare-and-set lost to it: her
+    key was dropped and she was shown the menu again. A claim is no change of the session: her hop's save is written."""
+    redis = rt.hot_redis
+    session_id = f"claim-vs-next-{claimed_by.replace(' ', '-')}"
+    opening = sessions.Stored(state=sessions.State(screen="home"), hops=1, reply=("CON Welcome", False), seen="")
+    assert await sessions.save(redis, "nalo", session_id, opening) is None
+    her_hop = await sessions.load(redis, "nalo", session_id)  # her next key's hop read the menu's session
+    assert her_hop is not None
+    if claimed_by == "replay":
+        copy = await sessions.load(redis, "nalo", session_id)
+        assert copy is not None
+        await sessions.claim(redis, "nalo", session_id, copy)
+    else:
+        copy = sessions.Stored(state=sessions.State(screen="home"), hops=1, reply=("CON Welcome", False), seen="")
+        assert await sessions.save(redis, "nalo", session_id, copy) is not None  # lost: answers from (claims) hers
+    her_hop.state.screen, her_hop.hops, her_hop.reply = "pay_type", 2, ("CON Pay what?", False)
+    assert await sessions.save(redis, "nalo", session_id, her_hop) is None  # written: her key is not dropped
+    now = await sessions.load(redis, "nalo", session_id)
+    assert now is not None and (now.state.screen, now.hops) == ("pay_type", 2)
+    # The first copy's take-back (its row not written) still leaves the session she goes on from.
+    assert await sessions.unsave(redis, "nalo", session_id, opening) is False
+    assert await sessions.load(redis, "nalo", session_id) is not None
