@@ -133,23 +133,26 @@ class UssdChannel:
         return (turn.aggregator, turn.session_id) in self._live
 
     async def end_unanswered(self, rt: Any, turn: UssdTurn, outcome: str, wait: float, *,
-                             unwritten: bool = False) -> None:
+                             unwritten: bool = False, kept: Callable[[], Awaitable[None]] | None = None) -> None:
         """Close the row of a session this hop ends without its own answer (busy, unavailable, unsettled) and count
         it (UssdService.ended_unanswered), waiting for that at most `wait` seconds; the rest runs in the
         background, bounded by MAX_PENDING_CLOSES. `unwritten`: the hop could not write the session's row
-        (types.OpeningUnwritten): a close not done counts it, as on Africa's Talking (the sweep has no row to count)."""
+        (types.OpeningUnwritten): a close not done counts it, as on Africa's Talking (the sweep has no row to count).
+        `kept`: its session goes on from another copy's answer (OpeningUnwritten.kept): its row is written, not closed,
+        and counted only if that write fails (by the close itself, not here on Africa's Talking: her session's own
+        end counts it)."""
         if len(self._closing) >= MAX_PENDING_CLOSES:
             if turn.aggregator == africastalking.NAME or unwritten:  # as _closed judges a write that failed
                 metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
             return
         counted_here = False
         task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome, lambda: counted_here,
-                                                                 unwritten=unwritten))
+                                                                 unwritten=unwritten, kept=kept))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         if wait > 0:
             await asyncio.wait({task}, timeout=wait)
-        if turn.aggregator == africastalking.NAME and not task.done():
+        if turn.aggregator == africastalking.NAME and kept is None and not task.done():
             # Africa's Talking's Success notice of this END counts nothing and may close the row before this close
             # does (it runs on): the session is counted here, now, and the close counts nothing.
             counted_here = True
@@ -337,7 +340,8 @@ async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, st
         # An opening hop whose session row's write failed (OpeningUnwritten) is closed too: the write may have been
         # committed (its answer lost), and a row left OPEN was counted again by a Release or the sweep. A close
         # failing as well counts it (unwritten): most likely there is no row, and the sweep would count nothing.
-        await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS, unwritten=unwritten)
+        await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS, unwritten=unwritten,
+                                     kept=exc.kept if isinstance(exc, OpeningUnwritten) else None)
         return channel.service.unavailable(rt, turn), "unavailable"
 
 

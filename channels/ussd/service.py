@@ -216,9 +216,9 @@ class UssdService:
                     # goes (a later close finding its state but no row counted it again). Not when another copy of
                     # the hop saved first (a Stored): that copy's session goes on, its row closed by this hop's
                     # failure as any hop's (UssdService.ended_unanswered).
-                    if saved is None:
-                        await self._unsaved(rt, turn, stored, counted)
-                    raise OpeningUnwritten(f"session row not written: {type(opened).__name__}") from opened
+                    kept = saved is None and not await self._unsaved(rt, turn, stored, counted)
+                    raise OpeningUnwritten(f"session row not written: {type(opened).__name__}",
+                                           kept=opening if kept else None) from opened
                 for outcome in (opened, saved):
                     if isinstance(outcome, BaseException):
                         raise outcome
@@ -258,17 +258,20 @@ class UssdService:
                         extra={"session_id": turn.session_id, "error": type(exc).__name__})
 
     @staticmethod
-    async def _unsaved(rt: Any, turn: UssdTurn, stored: sessions.Stored, counted: list[str]) -> None:
+    async def _unsaved(rt: Any, turn: UssdTurn, stored: sessions.Stored, counted: list[str]) -> bool:
         """The session an opening hop saved, and its funnel counts, taken back: its row could not be written and the
         hop is answered "unavailable", so nothing of the session stays (as after a shed opening hop). Best effort:
-        a later close that finds the state but no row counts nothing either (records.closed)."""
+        a later close that finds the state but no row counts nothing either (records.closed). False when the
+        session was left, another copy of the hop answering from it (its member goes on: OpeningUnwritten.kept)."""
         try:
             if not await sessions.unsave(rt.hot_redis, turn.aggregator, turn.session_id, stored, funnel=counted):
                 log.info("ussd session of an opening hop without its row kept: another copy of the hop answered "
                          "from it", extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+                return False
         except Exception as exc:
             log.warning("ussd session of an opening hop without its row not removed",
                         extra={"session_id": turn.session_id, "error": type(exc).__name__})
+        return True
 
     async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int, facts: tuple[bool, str | None] | None = None
                          ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]] | None]:
@@ -433,7 +436,8 @@ class UssdService:
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
 
     async def ended_unanswered(self, rt: Any, turn: UssdTurn, outcome: str,
-                               counted: Callable[[], bool] = lambda: False, *, unwritten: bool = False) -> None:
+                               counted: Callable[[], bool] = lambda: False, *, unwritten: bool = False,
+                               kept: Callable[[], Awaitable[None]] | None = None) -> None:
         """The session ended by an END the gateway gave without the hop's own answer: `outcome` busy (shed past the
         cap on hops in flight), unavailable (the hop failed) or unsettled (it failed, or ran out of time, after a
         payment began). Its row is closed (Incomplete, with the outcome as its error) and the session counted so, by
@@ -451,7 +455,22 @@ class UssdService:
         `unwritten`: the hop's write of the session's row failed (types.OpeningUnwritten). Its close still runs: a
         write that fails may have been committed (the connection lost after the COMMIT), and the row it left OPEN
         was counted again by Hubtel's Release or the sweep. A close that fails too counts the session here, as on
-        Africa's Talking: the row is most likely not there, and the sweep has nothing to count."""
+        Africa's Talking: the row is most likely not there, and the sweep has nothing to count.
+
+        `kept`: the session goes on from the state this hop saved, another copy of the hop having answered from it
+        (OpeningUnwritten.kept): its row is not closed, but written as its opening writes it (OPEN; left as it is when
+        there), and nothing is counted: the session's own end counts it. (Closed, her session's row said
+        "unavailable", counted so, while she went on.) That write failing too counts it, as `unwritten`."""
+        if kept is not None:
+            try:
+                await kept()
+                return
+            except Exception as exc:
+                expected = isinstance(exc, EXPECTED_OUTAGES)
+                log.log(logging.WARNING if expected else logging.ERROR, "ussd session record not written",
+                        extra={"session_id": turn.session_id, "error": type(exc).__name__}, exc_info=not expected)
+            metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
+            return
         before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=True,
                                     unwritten=unwritten)
         if not before and not counted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -89,7 +90,16 @@ class OpeningUnwritten(Exception):
     Release or the sweep. A close failing too counts the session itself: most likely there is no row for the sweep
     to count (on Hubtel and Nalo a failing close took the row for one left OPEN that the sweep would count). Its
     session state is not left in Redis (UssdService._answer): a Release or Timeout after it counted the session a
-    second time (abandoned)."""
+    second time (abandoned).
+
+    `kept`: the session state it saved was left, another copy of the hop having answered from it (its member goes on
+    from it: sessions.unsave); the row's write, tried again by its close in place of closing the row
+    (UssdService.ended_unanswered). Closed, the row of the session she went on with said "unavailable", counted so,
+    and her session's own end counted nothing."""
+
+    def __init__(self, message: str, *, kept: Callable[[], Awaitable[None]] | None = None) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 HOP_PROGRESS: contextvars.ContextVar[HopProgress | None] = contextvars.ContextVar("ussd_hop_progress",

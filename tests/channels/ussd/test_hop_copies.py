@@ -126,7 +126,11 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
     monkeypatch.setattr(records, "opened", written_slowly_then_failed)
     monkeypatch.setattr(sessions, "save", save)
     other = await another_serve_process(rt, aiohttp_client)
+    from tests.channels.ussd.test_abandoned_sessions import _added
+    from tests.channels.ussd.test_sessions_counted_once import _counted
+
     session_id = f"{aggregator}-two-openings"
+    counted = _counted(aggregator, "unavailable")
     hour = funnel_key(utcnow())
     home = int(await rt.redis.hget(hour, funnel_field(FUNNEL_ALL, "home")) or 0)
 
@@ -146,6 +150,8 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
     kept = await sessions.load(rt.hot_redis, aggregator, session_id)
     assert kept is not None and kept.state.screen == "home"
     assert int(await rt.redis.hget(hour, funnel_field(FUNNEL_ALL, "home")) or 0) == home + 1
+    # (Its close's write of the row failing too, the session is counted by that close: no row for its end to count.)
+    assert _added(counted, _counted(aggregator, "unavailable")) == {"unavailable": 1}
     monkeypatch.undo()
     # Her next key, on the screen the second copy showed her: the payment types, not the menu again.
     if aggregator == "hubtel":
@@ -215,3 +221,85 @@ async def test_a_claim_by_a_late_copy_of_the_opening_hop_does_not_undo_her_next_
     # The first copy's take-back (its row not written) still leaves the session she goes on from.
     assert await sessions.unsave(redis, "nalo", session_id, opening) is False
     assert await sessions.load(redis, "nalo", session_id) is not None
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", "africastalking"])
+async def test_the_row_of_a_session_another_copy_of_its_opening_hop_goes_on_from_is_not_closed_unavailable(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, aiohttp_client: Any, monkeypatch: Any) -> None:
+    """As above: the first copy of the opening hop saved the session, the second answered its menu from it (and
+    claimed it), the first's row write failed and its take-back left the session she goes on from. That copy's close
+    still closed the session's row (written closed when none: Incomplete, unavailable) and counted her session
+    `unavailable` while she went on: her real end counted nothing, and the row said she got "unavailable". The close
+    of a copy whose session goes on writes the row OPEN (it has none: the second copy replayed, writing nothing) and
+    counts nothing; her session is counted once, by its own end."""
+    from channels.ussd import records
+    from channels.ussd.routes import USSD
+    from core.models import UssdSession
+    from tests.channels.ussd.test_abandoned_sessions import _added
+    from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_MTN
+    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
+    from tests.channels.ussd.test_sessions_counted_once import _counted, _notice
+
+    saved, answered = asyncio.Event(), asyncio.Event()
+    real_save, real_opened = sessions.save, records.opened
+    calls = 0
+
+    async def save(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real_save(*args, **kwargs)
+        finally:
+            saved.set()
+
+    async def apart(*_args: Any, **_kwargs: Any) -> None:
+        return None  # no row written with the memberships: records.opened() writes it beside the save
+
+    async def written_slowly_then_failed_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.wait_for(answered.wait(), 10)
+            raise ConnectionError("database went away")
+        await real_opened(*args, **kwargs)
+
+    monkeypatch.setattr(records, "opened_reading", apart)
+    monkeypatch.setattr(records, "opened", written_slowly_then_failed_once)
+    monkeypatch.setattr(sessions, "save", save)
+    other = await another_serve_process(rt, aiohttp_client)
+    session_id = f"{aggregator}-two-openings-row"
+    before = _counted(aggregator, "unavailable")
+
+    async def opening(on: Any) -> str:
+        if aggregator == "hubtel":
+            return str((await HubtelPhone(on, GH_MTN, session_id).post("Initiation", "*384*123#"))["Message"])
+        if aggregator == "nalo":
+            return str((await nalo(on, session_id, "*384*123#", True))["MSG"])
+        return await AtPhone(on, EN_MTN, session_id=session_id).dial()
+
+    first = asyncio.ensure_future(opening(client))
+    await asyncio.wait_for(saved.wait(), 10)
+    second = await opening(other)
+    answered.set()
+    assert "unavailable" in await first and "unavailable" not in second
+    await client.app[USSD].settled()
+    monkeypatch.undo()
+    assert _added(before, _counted(aggregator, "unavailable")) == {}  # her session goes on: not counted yet
+    rows = await db.all(UssdSession, UssdSession.session_id == session_id)
+    assert [(row.status, row.error) for row in rows] == [("OPEN", None)]
+    # Her next key, then her session's own end: counted once, as it ended.
+    if aggregator == "hubtel":
+        phone = HubtelPhone(other, GH_MTN, session_id)
+        phone.sequence = 1
+        await phone.post("Response", "1")
+        await phone.post("Release", "")
+        outcome = "abandoned"
+    elif aggregator == "nalo":
+        await nalo(other, session_id, "1", False, msisdn=FR_AIRTEL)
+        assert await records.close_abandoned(rt, now=records.utcnow() + records.ABANDONED_AFTER * 2) == 1
+        outcome = "timed_out"
+    else:
+        await AtPhone(other, EN_MTN, session_id=session_id).send("1")
+        await _notice(other, session_id, "Incomplete", "user left")
+        outcome = "incomplete"
+    assert _added(before, _counted(aggregator, "unavailable")) == {outcome: 1}
+    row = (await db.all(UssdSession, UssdSession.session_id == session_id))[0]
+    assert row.status != "OPEN" and row.error != "unavailable"
