@@ -391,7 +391,9 @@ class RateLimiter:
 
 
 def clock() -> float:
-    """Now, as the limiter reads it: a caller that will take a request back (`uncount`) counts it at this."""
+    """Now, as the limiter reads it: a caller that will take a request back (`uncount`) counts it at this.
+    This module reads the time only as `time.time()` of its `time` global, here and where a method is given no
+    `now`: the tests hold the limiters' clock still by replacing that global (tests/conftest.py: limiter_clock)."""
     return time.time()
 
 

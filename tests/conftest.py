@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -64,17 +63,46 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-async def early_in_window(window: int = 60, room: float = 10.0) -> None:
-    """Wait, if need be, until at least `room` seconds are left in the current calendar window.
+class LimiterClock:
+    """The rate limiters' clock, held still by the test: core.ratelimit reads the time only as its module's
+    `time.time()` (RateLimiter, LocalLimiter and core.ratelimit.clock, which the SMS replies' and the API's
+    counts are taken at), so this object stands in for that module's `time`.
 
-    The API's rate limits count per calendar minute (sliding over the previous one): a test that fills a
-    bucket and expects the next call refused must not straddle a minute's turn. Setup only. `room` is what the
-    test may take on a loaded CI machine, not on a quiet one: ten sign-ins (a scrypt check each) took 5-8 s on a
-    loaded 2-CPU machine, so those tests ask for 25 s.
-    """
-    left = window - time.time() % window
-    if left < room:
-        await asyncio.sleep(left + 0.05)
+    The API's limits count per calendar minute (sliding over the previous one), the SMS replies' per 10 minutes
+    and per day: a test that fills a bucket and expects the next request refused used to wait for room early in
+    a minute and still failed when its body ran past the minute's turn on a loaded machine (the 11th wrong
+    password let through). Held still, every request of the test is counted in one window however long the
+    test takes; a test of a window's turn moves the clock itself (`now`, `advance`). Only the limiters' clock:
+    the database, JWTs and Redis expiries keep the real time."""
+
+    # A second into a day (2027-01-15 00:00 UTC), so into a minute, 10 minutes and an hour too: every window
+    # of the limits has just begun, and the one before it is empty.
+    START = 1_800_000_000 - 1_800_000_000 % 86_400 + 1.0
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def limiter_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[LimiterClock]:
+    """The rate limiters' clock held at LimiterClock.START for the test (see LimiterClock). This process's own
+    sign-in failure counts (the fallback with Redis down: admin_api.auth_routes.LOCAL_FAILURES) are kept by
+    that clock, which every test holding it starts at the same moment: emptied before and after, so no test
+    finds another's."""
+    from admin_api import auth_routes
+    from core import ratelimit
+
+    clock = LimiterClock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    auth_routes.LOCAL_FAILURES.clear()
+    yield clock
+    auth_routes.LOCAL_FAILURES.clear()
 
 
 async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, *,

@@ -123,11 +123,9 @@ async def test_a_ussd_payment_session_end_to_end(client: Any, rt: Any, demo: Any
     assert max(funnel.values()) >= 3 and min(funnel.values()) >= 1, funnel
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_api_rate_limit_answers_429_and_a_revoked_token_is_refused(client: Any, rt: Any, demo: Any,
                                                                           cluster: Cluster) -> None:
-    from tests.conftest import early_in_window
-
-    await early_in_window(room=20)
     resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": demo["admin"][1]})
     assert resp.status == 200, await resp.text()
     token = (await resp.json())["accessToken"]

@@ -12,12 +12,13 @@ import logging
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from core import auth
 from core.models import AuditEvent
 from tests.admin_api.conftest import Caller, login, redis_fallbacks, redis_unreachable
-from tests.conftest import early_in_window, sql_sent
+from tests.conftest import sql_sent
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
 
@@ -239,9 +240,9 @@ async def test_a_coop_admin_sets_a_tenants_password_but_not_a_fellow_admins(rt, 
 # --- F7: a burst of current-password guesses -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_burst_of_current_password_guesses_gets_no_more_than_sign_in_allows(client, demo):
     username, password = demo["admin"]
-    await early_in_window(room=20)
     me = _caller(client, await login(client, username, password))
     body = {"currentPassword": "guess-guess", "newPassword": "my-new-password-9"}
     answers = await asyncio.gather(*(me.req("POST", "/v1/auth/password", json=body) for _ in range(25)))

@@ -14,7 +14,6 @@ from core.crypto import hash_api_key
 from core.db import utcnow
 from core.models import ApiKey
 from tests.admin_api.conftest import Caller, login, payment_body
-from tests.conftest import early_in_window
 
 
 async def test_token_returns_pair_with_role_and_cooperative(client, demo):
@@ -214,8 +213,8 @@ async def test_coop_admin_cannot_reach_super_admin_routes(admin):
     await admin.json("POST", "/v1/cooperatives", 403, json={"name": "X", "shortCode": "XX", "country": "RW"})
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_sign_in_attempts_are_limited_per_username(client, demo):
-    await early_in_window(room=25)
     for _ in range(10):
         resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": "guess"})
         assert resp.status == 401

@@ -20,7 +20,6 @@ from core import auth
 from core.models import ApiKey
 from tests.admin_api.conftest import Caller, login
 from tests.admin_api.test_signin_limits import redis_down  # noqa: F401  (a fixture)
-from tests.conftest import early_in_window
 
 CLERK, CLERK_PASSWORD, NEW_PASSWORD = "clerk@kh.rw", "clerk-password-1", "owner-new-pass-9"
 WAIT = 1.0
@@ -312,20 +311,20 @@ async def _burst(client: Any, username: str, n: int) -> list[int]:
     return sorted(a.status for a in answers)
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_burst_of_wrong_passwords_gets_ten_guesses(client, demo):
     """Twenty wrong passwords at once from one address (the route's own limit lets 20 a minute in): each is
     counted before its password is checked, so ten are checked and ten refused; it used to check all twenty."""
     username, password = demo["admin"]
-    await early_in_window(room=25)
     assert await _burst(client, username, 20) == [401] * 10 + [429] * 10
     assert (await client.post("/v1/auth/token", json={"username": username, "password": password})).status == 429
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_right_passwords_at_once_give_their_count_back(client, demo):
     """The count taken before the check is given back when the password is right: sign-ins at once fill no
     bucket, and nine failures leave room for exactly one more."""
     username, password = demo["admin"]
-    await early_in_window(room=25)
     right = await asyncio.gather(*(client.post("/v1/auth/token", json={"username": username, "password": password})
                                    for _ in range(5)))
     assert [a.status for a in right] == [200] * 5
@@ -334,9 +333,9 @@ async def test_right_passwords_at_once_give_their_count_back(client, demo):
     assert await _burst(client, username, 3) == [401, 429, 429]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_with_redis_down_a_burst_of_wrong_passwords_gets_ten_guesses(client, demo, redis_down):  # noqa: F811
     username, password = demo["admin"]
-    await early_in_window(room=25)
     assert await _burst(client, username, 20) == [401] * 10 + [429] * 10  # counted in this process
     assert (await client.post("/v1/auth/token", json={"username": username, "password": password})).status == 429
 

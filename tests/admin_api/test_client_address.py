@@ -12,7 +12,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from app import create_app, open_runtime
 from core.inbound import client_address
-from tests.conftest import clean_database, early_in_window, make_settings
+from tests.conftest import clean_database, make_settings
 
 REFRESH_LIMIT = 30  # admin_api.auth_routes: Limit("auth:refresh", 30) per address and minute
 
@@ -23,7 +23,6 @@ async def _refresh_statuses(settings_overrides: dict[str, str], migrated_databas
         await clean_database(rt)
         await rt.redis.flushdb()
         client = await aiohttp_client(create_app(rt.settings, runtime=rt))
-        await early_in_window()
         statuses = []
         for hop in forwarded_for:
             resp = await client.post("/v1/auth/refresh", json={"refreshToken": "not-a-token"},
@@ -32,6 +31,7 @@ async def _refresh_statuses(settings_overrides: dict[str, str], migrated_databas
         return statuses
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_callers_behind_our_balancer_have_their_own_buckets(migrated_database, aiohttp_client):
     clients = [f"41.186.{n}.7" for n in range(REFRESH_LIMIT + 5)]
     statuses = await _refresh_statuses({"TRUSTED_PROXIES": "127.0.0.1/32"}, migrated_database, aiohttp_client,
@@ -39,6 +39,7 @@ async def test_callers_behind_our_balancer_have_their_own_buckets(migrated_datab
     assert set(statuses) == {401}, statuses  # each caller tried once: nobody is limited by the others
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_one_caller_behind_our_balancer_is_still_limited(migrated_database, aiohttp_client):
     # The client's own (spoofable) entries come first; our balancer appends the address it saw.
     statuses = await _refresh_statuses({"TRUSTED_PROXIES": "127.0.0.1/32"}, migrated_database, aiohttp_client,
@@ -46,6 +47,7 @@ async def test_one_caller_behind_our_balancer_is_still_limited(migrated_database
     assert statuses[:REFRESH_LIMIT] == [401] * REFRESH_LIMIT and statuses[-1] == 429, statuses
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_without_trusted_proxies_the_header_is_ignored(migrated_database, aiohttp_client):
     statuses = await _refresh_statuses({}, migrated_database, aiohttp_client,
                                        [f"41.186.{n}.7" for n in range(REFRESH_LIMIT + 5)])
@@ -78,6 +80,7 @@ class _Transport:
         return False
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_an_ipv6_caller_is_counted_by_its_64_not_each_address(migrated_database, aiohttp_client):
     """A subscriber line or a cloud host has a whole /64: one bucket per /128 was no limit at all (120 refresh
     or sign-in tries from ::1, ::2, ... all went through)."""

@@ -14,7 +14,7 @@ from core import auth
 from core.db import utcnow
 from core.errors import CODES
 from tests.admin_api.conftest import Caller, complete_payment, idem, login, payment_body
-from tests.conftest import early_in_window, requires_pg
+from tests.conftest import requires_pg
 
 SEED_KEYS = {"statusCode", "message", "error", "timestamp", "path"}
 
@@ -182,9 +182,9 @@ async def test_token_expired_and_invalid(client: Any, rt: Any, demo: dict[str, A
     assert wrong["code"] == "UNAUTHORIZED"
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_account_locked(client: Any, demo: dict[str, Any]) -> None:
     username, password = demo["admin"]
-    await early_in_window(room=25)
     for _ in range(10):
         await _refused(await client.post("/v1/auth/token", json={"username": username, "password": "guess-guess"}),
                        401)

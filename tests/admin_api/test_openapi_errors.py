@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from admin_api import all_routes
-from tests.conftest import early_in_window
 
 
 async def test_every_registered_route_is_documented(client):
@@ -75,10 +76,10 @@ async def test_body_refused_where_none_is_taken(admin, demo):
     assert resp.status == 400
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_read_rate_limit_headers_and_429(admin, rt):
     from core.ratelimit import Limit, RateLimiter
 
-    await early_in_window()
     resp = await admin.req("GET", "/v1/payments")
     assert resp.headers["X-RateLimit-Limit"] == "100" and resp.headers["X-RateLimit-Remaining"] == "99"
     # Use up the bucket directly, as many processes would, then the next call is refused.

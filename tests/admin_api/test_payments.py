@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import func, select
 
 from core.models import OutboxJob, Payment
 from tests.admin_api.conftest import idem, make_payment, payment_body, redis_unreachable
-from tests.conftest import early_in_window
 
 
 async def test_create_payment_returns_the_seed_fields(admin, rt, demo):
@@ -282,8 +282,8 @@ async def test_super_admin_sees_all_and_names_the_cooperative_to_pay_into(supera
     )
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_rate_limit_on_payment_creation(admin, demo):
-    await early_in_window(room=20)
     rent = demo["payment_types"]["Monthly Rent"]
     last = None
     for i in range(10):

@@ -14,7 +14,6 @@ from sqlalchemy import select
 from core import ratelimit
 from core.models import AdminUser, AuditEvent
 from tests.admin_api.conftest import Caller, login
-from tests.conftest import early_in_window
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
 
@@ -54,10 +53,10 @@ async def test_a_refused_sign_in_is_not_audited_as_a_sign_in(rt, client, demo):
     assert [r for r in await _all_rows(rt) if r.action == "user.signed_in"] == []
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_lockout_of_a_known_account_is_audited_without_the_passwords(rt, client, admin: Caller, demo):
     made = await admin.json("POST", "/v1/users", 201,
                             json={"username": CLERK, "password": CLERK_PASSWORD, "role": "COOP_ADMIN"})
-    await early_in_window(room=25)
     for n in range(10):
         answer = await client.post("/v1/auth/token", json={"username": CLERK, "password": f"guess-{n:04d}"})
         assert answer.status == 401
@@ -79,12 +78,12 @@ async def test_a_lockout_of_a_known_account_is_audited_without_the_passwords(rt,
     assert "nobody" not in stored
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_wrong_current_passwords_that_lock_the_account_out_are_audited(rt, client, admin: Caller, demo):
     """A stolen session guessing at the password (POST /auth/password) fills the sign-in buckets: the lockout is
     audited as at sign-in."""
     made = await admin.json("POST", "/v1/users", 201,
                             json={"username": CLERK, "password": CLERK_PASSWORD, "role": "COOP_ADMIN"})
-    await early_in_window(room=25)
     clerk = Caller(client, {"Authorization": f"Bearer {(await login(client, CLERK, CLERK_PASSWORD))['accessToken']}"})
     for n in range(10):
         await clerk.json("POST", "/v1/auth/password", 400,

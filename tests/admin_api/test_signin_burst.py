@@ -19,7 +19,6 @@ from admin_api import auth_routes
 from core import auth
 from core.ratelimit import LEASE, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally
 from tests.admin_api.test_signin_limits import redis_down  # noqa: F401  (a fixture)
-from tests.conftest import early_in_window
 
 FAILED = "Too many failed sign-in attempts for this user. Please try again later."
 BUSY = "Too many sign-in attempts for this user are being checked at once. Please try again."
@@ -58,10 +57,10 @@ def _checks(monkeypatch: Any) -> list[str]:
     return checked
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_twelve_right_passwords_at_once_are_all_signed_in(rt, client, demo, monkeypatch):
     username, password = demo["admin"]
     checked = _checks(monkeypatch)
-    await early_in_window(room=25)
     answers = await _at_once(client, username, [password] * 12)
     assert answers == [(200, None)] * 12
     assert checked == [password] * 12
@@ -69,23 +68,23 @@ async def test_twelve_right_passwords_at_once_are_all_signed_in(rt, client, demo
     assert await rt.redis.keys("*auth:failed*") == []
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_twenty_wrong_passwords_at_once_get_ten_checks(client, demo, monkeypatch):
     """Ten are checked (401); the other ten wait for them and are refused once those failed, with the message
     and Retry-After of a full bucket."""
     username, password = demo["admin"]
     checked = _checks(monkeypatch)
-    await early_in_window(room=25)
     answers = await _at_once(client, username, [f"guess-{i:02d}" for i in range(20)])
     assert sorted(answers) == [(401, "invalid username or password")] * 10 + [(429, FAILED)] * 10
     assert len(checked) == 10 and password not in checked
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_right_and_wrong_passwords_at_once(client, demo, monkeypatch):
     """Nine wrong and six right at once: all fifteen are checked (nine failures fill no bucket), the right
     ones sign in; the tenth failure then fills the bucket."""
     username, password = demo["admin"]
     checked = _checks(monkeypatch)
-    await early_in_window(room=25)
     passwords = [password if i % 5 in (1, 3) else f"guess-{i:02d}" for i in range(15)]
     answers = await _at_once(client, username, passwords)
     assert [s for s, _ in answers] == [200 if p == password else 401 for p in passwords]
@@ -113,11 +112,11 @@ async def _in_flight(client: Any, monkeypatch: Any, username: str, passwords: li
     return release, started
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_right_password_waits_for_the_attempts_being_checked(client, demo, monkeypatch):
     """Ten right passwords are being checked when an eleventh comes: it waits for them instead of being told
     that sign-in failed too often, and signs in."""
     username, password = demo["admin"]
-    await early_in_window(room=25)
     release, started = await _in_flight(client, monkeypatch, username, [password] * 10)
     eleventh = asyncio.ensure_future(_sign_in(client, username, password))
     await asyncio.sleep(0.3)
@@ -128,10 +127,10 @@ async def test_a_right_password_waits_for_the_attempts_being_checked(client, dem
     assert answer.status == 200, await answer.json()
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_right_password_behind_ten_wrong_ones_being_checked_is_refused_once_they_fail(
         client, demo, monkeypatch):
     username, password = demo["admin"]
-    await early_in_window(room=25)
     release, started = await _in_flight(client, monkeypatch, username, [f"guess-{i}" for i in range(10)])
     eleventh = asyncio.ensure_future(_sign_in(client, username, password))
     await asyncio.sleep(0.3)
@@ -141,11 +140,11 @@ async def test_a_right_password_behind_ten_wrong_ones_being_checked_is_refused_o
     assert (answer.status, (await answer.json())["message"]) == (429, FAILED)
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_attempts_that_stay_in_flight_too_long_are_answered_busy_not_failed(client, demo, monkeypatch):
     """The wait is bounded: attempts that do not end leave the newcomer a 429 that says why, Retry-After 1."""
     username, password = demo["admin"]
     monkeypatch.setattr(auth_routes, "WAIT_FOR_FLIGHTS", 0.3)
-    await early_in_window(room=25)
     release, started = await _in_flight(client, monkeypatch, username, [password] * 10)
     answer = await _sign_in(client, username, password)
     assert (answer.status, (await answer.json())["message"]) == (429, BUSY)
@@ -155,9 +154,9 @@ async def test_attempts_that_stay_in_flight_too_long_are_answered_busy_not_faile
     assert (await _sign_in(client, username, password)).status == 200
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_with_redis_down_right_passwords_at_once_are_all_signed_in(client, demo, redis_down):  # noqa: F811
     username, password = demo["admin"]
-    await early_in_window(room=25)
     assert [s for s, _ in await _at_once(client, username, [password] * 12)] == [200] * 12
     answers = await _at_once(client, username, [f"guess-{i:02d}" for i in range(20)])
     assert sorted(answers) == [(401, "invalid username or password")] * 10 + [(429, FAILED)] * 10

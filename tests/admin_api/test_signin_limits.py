@@ -15,7 +15,7 @@ from admin_api.openapi import build_document
 from app import create_app, open_runtime
 from core.demo import seed_demo
 from tests.admin_api.conftest import check_shape, redis_unreachable
-from tests.conftest import clean_database, early_in_window, make_settings
+from tests.conftest import clean_database, make_settings
 
 BALANCER = "127.0.0.1/32"  # the test client's own address plays our load balancer
 
@@ -36,10 +36,10 @@ async def _sign_in(client: Any, username: str, password: str, address: str) -> A
                              headers={"X-Forwarded-For": address})
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_wrong_passwords_from_elsewhere_do_not_lock_the_admin_out(migrated_database, aiohttp_client):
     async with _behind_balancer(aiohttp_client) as (client, demo):
         username, password = demo["admin"]
-        await early_in_window(room=25)
         for _ in range(10):
             assert (await _sign_in(client, username, "guess-guess", "41.186.0.66")).status == 401
         guesser = await _sign_in(client, username, password, "41.186.0.66")
@@ -49,10 +49,10 @@ async def test_wrong_passwords_from_elsewhere_do_not_lock_the_admin_out(migrated
         assert real.status == 200, await real.json()
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_only_failures_are_counted(migrated_database, aiohttp_client):
     async with _behind_balancer(aiohttp_client) as (client, demo):
         username, password = demo["admin"]
-        await early_in_window(room=25)
         for _ in range(9):
             assert (await _sign_in(client, username, "guess-guess", "41.186.0.8")).status == 401
         for _ in range(5):  # signing in again and again fills no bucket
@@ -61,11 +61,11 @@ async def test_only_failures_are_counted(migrated_database, aiohttp_client):
         assert (await _sign_in(client, username, password, "41.186.0.8")).status == 429
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_guessing_spread_over_addresses_is_bounded_per_username(migrated_database, aiohttp_client):
     # Scaled down (x0.2): 2 failures a minute per address, 20 an hour per username.
     async with _behind_balancer(aiohttp_client, RATE_LIMIT_MULTIPLIER="0.2") as (client, demo):
         username, password = demo["admin"]
-        await early_in_window(room=25)
         for n in range(20):
             assert (await _sign_in(client, username, "guess-guess", f"41.186.1.{n}")).status == 401
         # An address that failed once has room in its own bucket, but the username's is full.
@@ -93,9 +93,9 @@ async def redis_down(rt: Any) -> AsyncIterator[None]:
         auth_routes.LOCAL_FAILURES.clear()
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_sign_in_works_with_redis_down_and_guessing_is_still_limited(client, demo, redis_down):
     username, password = demo["admin"]
-    await early_in_window(room=25)
     resp = await client.post("/v1/auth/token", json={"username": username, "password": password})
     body = await resp.json()
     assert resp.status == 200, body

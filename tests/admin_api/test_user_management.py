@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import select
 
 from core import auth
 from core.crypto import verify_password
 from core.models import AdminUser, ApiKey, AuditEvent
 from tests.admin_api.conftest import Caller, bearer, login, redis_unreachable
-from tests.conftest import early_in_window
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
 
@@ -189,9 +189,9 @@ async def test_a_tenant_changes_their_own_password_but_an_api_key_has_none(clien
                      json={"currentPassword": "anything", "newPassword": "anything-long-1"})
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_wrong_current_passwords_are_counted_as_failed_sign_ins(client, demo):
     username, password = demo["admin"]
-    await early_in_window(room=25)
     me = _caller(client, await login(client, username, password))
     body = {"currentPassword": "guess-guess", "newPassword": "my-new-password-9"}
     for _ in range(10):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally, subject_tag
+from tests.conftest import LimiterClock
 
 T0 = 1_800_000_000 - (1_800_000_000 % 3600)  # the start of a window of every length used here
 PER_MINUTE = Limit("t:minute", 10)
@@ -317,3 +318,31 @@ async def test_the_limiter_on_the_multiplexed_connection_gives_what_it_gives_on_
     assert not [kind for kind, _, _ in ended.values() if kind == b"zset"]
     assert ended[f":{{ip:1.2.3.4}}:all:b:{T0 + 90}"] == (b"string", b"1", True)
     assert on_mux[-1][":kept"] == (b"string", b"answer", True)  # hit_then's SET NX did not overwrite it
+
+
+async def test_every_reading_of_the_time_goes_through_the_clock_the_tests_hold(rt: Any,
+                                                                               limiter_clock: LimiterClock) -> None:
+    """tests/conftest.py's limiter_clock stands in for this module's `time`: a limiter that read the time another
+    way (`from time import time`, a monotonic clock) would leave the tests that hold it still on the wall clock,
+    passing or failing with a minute's turn. Every reading is checked here: the count's window, the flight's
+    lease, the decision's reset, and the clock callers count at."""
+    from core import ratelimit
+
+    assert ratelimit.clock() == limiter_clock.now
+    start = int(limiter_clock.now // 60 * 60)
+    subject = "someone"
+    for limiter in (RateLimiter(rt.redis), LocalLimiter(LocalCounts())):
+        for check in (limiter.hit(PER_MINUTE, subject), limiter.peek(PER_MINUTE, subject)):
+            assert (await check).reset == math.ceil(limiter_clock.now)
+        (flight,) = await limiter.begin([Tally(subject, (PER_MINUTE,))])
+        await limiter.end([flight], count=True)
+        assert (await limiter.peek(PER_MINUTE, subject)).used == 2  # the hit and the flight's count, one window
+    redis_limiter = RateLimiter(rt.redis)
+    assert (await redis_limiter.hit_all([PER_MINUTE], subject))[0].used == 3
+    assert (await redis_limiter.hit_all_once([PER_MINUTE], subject, "token", ttl=60)).at == limiter_clock.now
+    tag = subject_tag(subject)
+    assert await rt.redis.get(f"rl:{tag}:{PER_MINUTE.name}:{start}") == b"4"
+    # The clock moved by the test: the next window, where the last one weighs in all but a second's share of it.
+    limiter_clock.advance(60)
+    assert (await redis_limiter.hit(PER_MINUTE, subject)).used == 1 + int(4 * 59 / 60)
+    assert await rt.redis.get(f"rl:{tag}:{PER_MINUTE.name}:{start + 60}") == b"1"

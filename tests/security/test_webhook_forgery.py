@@ -266,15 +266,15 @@ async def test_irembopay_webhook_we_could_not_store_is_accepted_when_resent(srt:
     await refused(sclient, srt, "irembopay", 409, url("irembopay"), data=body, headers=good)
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_provider_callbacks_are_rate_limited_per_address(srt: Any, sdemo: Any, aiohttp_client: Any) -> None:
     from app import create_app
-    from tests.conftest import early_in_window, make_settings
+    from tests.conftest import make_settings
     from tests.security.conftest import SECRETS
 
     # 1000/min scaled down to 2/min, so the test need not send a thousand callbacks.
     client = await aiohttp_client(create_app(make_settings(**SECRETS, RATE_LIMIT_MULTIPLIER="0.002"),
                                              runtime=srt))
-    await early_in_window()
     before = rejected("rate_limited")
     answers = [await client.post(url("mtn_momo", "wrong"), json={}) for _ in range(3)]
     assert [a.status for a in answers] == [401, 401, 429]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +16,7 @@ from core.notify import send_sms
 from core.outbox import RetryLater
 from core.phone import Phone
 from tests.channels.sms.helpers import as_job, jobs_of, make_payment
-from tests.conftest import drain
+from tests.conftest import LimiterClock, drain
 
 ALINE = "+250788000001"
 
@@ -267,29 +265,17 @@ async def test_bad_template_is_parked(rt: Any, demo: dict[str, Any], sim: Any, w
     assert sim.requests == []
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -> None:
     slow = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, sms_rate_per_second=2.0))
     jobs = SmsJobs(slow)
-    # The window is a calendar second: start the three calls early in one, so they cannot straddle two. A
-    # loaded machine can still pause for half a second between them: then they said nothing about one window,
-    # and are made again in a fresh one (the straddle only; whatever they did, the last try is judged).
-    for _ in range(5):
-        if time.time() % 1 > 0.5:
-            await asyncio.sleep(1.02 - time.time() % 1)
-        second = int(time.time())
-        await jobs.throttle_and_lock("sms:lock:{a}", "1")
-        await jobs.throttle_and_lock("sms:lock:{b}", "2")
-        try:
-            await jobs.throttle_and_lock("sms:lock:{c}", "3")
-        except RetryLater as refused:
-            raised = refused
-        else:
-            raised = None
-        if int(time.time()) == second:
-            break
-        await rt.redis.delete(*[k async for k in rt.redis.scan_iter("sms:lock:*")],
-                              *[k async for k in rt.redis.scan_iter("rl:*:sms:send:*")])
-    assert raised is not None, "the third send in one second was let through"
+    # The window is a calendar second: the limiter's clock held still, the three calls are in one however long
+    # they take (they were made again whenever a loaded machine paused between them across a second's turn).
+    await jobs.throttle_and_lock("sms:lock:{a}", "1")
+    await jobs.throttle_and_lock("sms:lock:{b}", "2")
+    with pytest.raises(RetryLater) as refused:
+        await jobs.throttle_and_lock("sms:lock:{c}", "3")
+    raised = refused.value
     assert 0 < raised.delay <= 1 and "rate" in str(raised)
     # Refused by the rate, the message's lock is not kept; the two that passed hold theirs.
     assert [await rt.redis.get(f"sms:lock:{{{k}}}") for k in "abc"] == [b"1", b"2", None]
@@ -308,21 +294,21 @@ async def test_a_message_locked_by_another_run_is_not_sent_twice(rt: Any, demo: 
 
 
 async def test_throttled_job_is_rescheduled_without_counting_a_failure(
-    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, limiter_clock: LimiterClock
 ) -> None:
     limit = send_limit(rt.settings.sms_rate_per_second)
-    import time
-
-    # Fill this second's window for the sender id, then send: the job waits instead of failing.
-    window_key = f"rl:{{COOPPAY}}:sms:send:{int(time.time())}"
-    await rt.redis.set(window_key, limit.count + 100, ex=5)
+    assert limit.window == 1
+    # Fill this second's window for the sender id, then send: the job waits instead of failing. (The limiter's
+    # clock held still: the second cannot roll over between the two, which let the send through and the test
+    # assert nothing.)
+    window_key = f"rl:{{COOPPAY}}:sms:send:{int(limiter_clock.now)}"
+    await rt.redis.set(window_key, limit.count + 100, ex=60)
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
     await worker.run_once()
     [job] = await jobs_of(rt, "sms.send")
-    if job.status == "PENDING":  # the second did not roll over between set and send
-        assert job.attempts == 0 and "rate" in job.last_error
-        assert sim.requests == []
+    assert (job.status, job.attempts) == ("PENDING", 0) and "rate" in job.last_error
+    assert sim.requests == []
 
 
 def test_send_limit_shapes() -> None:

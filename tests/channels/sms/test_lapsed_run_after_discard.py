@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
@@ -16,9 +17,10 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE
-from tests.conftest import drain, early_in_window
+from tests.conftest import drain
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothing_once_discarded(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -26,7 +28,6 @@ async def test_a_run_whose_lease_lapsed_before_it_stored_its_message_sends_nothi
     claims the job and parks it (its build refused), storing nothing; an admin discards it, which gives the reply's
     count back (none stored: never sent). Then A wakes up, stores the reply and sends it: a reply of a discarded job,
     uncounted."""
-    await early_in_window(600, room=60)
     await inbound(sms_client, ALINE, "HELP", "in-help")
     real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from channels.sms.jobs import GIVE_BACK_JOB, SmsJobs
@@ -15,9 +16,10 @@ from core.models import SmsMessage
 from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
-from tests.conftest import drain, early_in_window
+from tests.conftest import drain
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_sends_nothing(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -26,7 +28,6 @@ async def test_a_lapsed_run_of_a_reply_switched_since_and_given_back_stores_and_
     and ends the job with its give-back, which runs. Then A wakes up: it must store and send nothing. Stored and sent,
     she read "no more reminders" last while her START had turned them back on, and that reply was given back too
     (5 of her next 5 keywords answered: 7 replies in her 10 minutes)."""
-    await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     real_build, stalled, go = SmsJobs._build, asyncio.Event(), asyncio.Event()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import update
 
 from channels.sms.jobs import GIVE_BACK_JOB
@@ -20,16 +21,16 @@ from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
 from tests.channels.sms.test_switched_since_give_back import _redis_refuses_once
-from tests.conftest import drain, early_in_window
+from tests.conftest import drain
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_stale_stop_gives_its_count_back_though_redis_refused_it_in_the_request(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her START is taken, then her STOP sent before it (stale: no reply), and Redis refuses the STOP's give-back in
     the request. Its give-back job, committed with the text, gives it back: 4 of her next 5 keywords answered (the
     START's reply used one). Given back in the request only, it stayed counted: 3."""
-    await early_in_window(600, room=60)
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     refused = _redis_refuses_once(monkeypatch)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # sent before her START: stale
@@ -39,6 +40,7 @@ async def test_a_stale_stop_gives_its_count_back_though_redis_refused_it_in_the_
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_retry_that_counted_again_gives_its_count_back_though_redis_refused_it_in_the_request(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
@@ -46,7 +48,6 @@ async def test_a_retry_that_counted_again_gives_its_count_back_though_redis_refu
     lost those keys), so it counts again, and gives back that count of its own (its reply went: one per text). Redis
     refuses that give-back in the request: its job gives it back all the same, whatever became of the STOP's reply
     (sent: the count given back is the retry's own). 4 of her next 5 keywords answered; left counted, 3."""
-    await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await drain(worker)
     index = rt.cipher.blind_index(ALINE)
@@ -60,12 +61,12 @@ async def test_a_retry_that_counted_again_gives_its_count_back_though_redis_refu
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_stale_texts_count_is_given_back_once_however_often_its_job_runs(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     """The request gives the count back (Redis there), and its job does too, and runs again (its end lost, say):
     given back once. Twice, 5 of her next 5 keywords were answered."""
-    await early_in_window(600, room=60)
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # stale
     await drain(worker)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, update
 
@@ -22,7 +23,7 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
-from tests.conftest import drain, early_in_window
+from tests.conftest import drain
 
 REASON = "the member paid at the office; receipt given by hand"
 
@@ -109,12 +110,12 @@ async def _reply_discarded(rt: Any, demo: dict[str, Any], sim: Any, worker: Any,
     await drain(worker)  # the count is given back by the job the discard queued (GIVE_BACK_JOB)
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_to_stop_gives_its_count_back_once(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
 ) -> None:
     """Her STOP's reply, parked through an aggregator outage and discarded, never went: it uses none of her 5 replies
     per 10 minutes (counted still, 4 of her next 6 keywords were answered), given back once (5, not 6)."""
-    await early_in_window(600, room=60)
     await _reply_discarded(rt, demo, sim, worker, sms_client, "STOP", "at-stop")
     for i in range(6):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
@@ -135,6 +136,7 @@ async def test_a_discarded_reply_to_a_text_not_understood_gives_the_days_help_ba
                 ).scalars().all() == ["unknown"]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discard_that_did_not_commit_gives_no_count_back(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -143,7 +145,6 @@ async def test_a_discard_that_did_not_commit_gives_no_count_back(
     went uncounted: 5 of her next 5 keywords were answered, 6 replies in her 10 minutes."""
     from admin_api import jobs as admin_jobs
 
-    await early_in_window(600, room=60)
     await inbound(sms_client, ALINE, "STOP", "at-stop")
     await last_attempt(rt)
     sim.set_failure("http503")
@@ -173,11 +174,11 @@ async def test_a_discard_that_did_not_commit_gives_no_count_back(
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_discarded_among_others_gives_its_count_back_once_committed(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
 ) -> None:
     """POST /v1/jobs/discard gives a keyword's reply's count back too, once the call has committed."""
-    await early_in_window(600, room=60)
     await inbound(sms_client, ALINE, "STOP", "at-stop")
     await last_attempt(rt)
     sim.set_failure("http503")
@@ -205,7 +206,6 @@ async def _answered_of_six(rt: Any, worker: Any, sim: Any, client: Any) -> int:
 
 async def _stop_reply_parked(rt: Any, sim: Any, worker: Any, client: Any) -> OutboxJob:
     """Aline's STOP; its reply's last try fails (an aggregator's 503): its job parks, its message QUEUED."""
-    await early_in_window(600, room=60)
     await inbound(client, ALINE, "STOP", "at-stop")
     await last_attempt(rt)
     sim.set_failure("http503")
@@ -216,6 +216,7 @@ async def _stop_reply_parked(rt: Any, sim: Any, worker: Any, client: Any) -> Out
     return job
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_gives_its_count_back_through_a_job_of_its_own_once_however_often_it_runs(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
 ) -> None:
@@ -244,6 +245,7 @@ async def test_a_discarded_reply_gives_its_count_back_through_a_job_of_its_own_o
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_whose_give_back_redis_refused_gives_it_back_on_a_later_try(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -273,7 +275,6 @@ async def test_a_discarded_reply_whose_give_back_redis_refused_gives_it_back_on_
 async def _stop_reply_parked_unstored(rt: Any, sim: Any, worker: Any, client: Any, monkeypatch: Any) -> OutboxJob:
     """Aline's STOP, whose reply's template this release does not have (a release removed it): its job parks at
     its first try, before it stored any message."""
-    await early_in_window(600, room=60)
     await inbound(client, ALINE, "STOP", "at-stop")
     with monkeypatch.context() as patched:
         patched.setattr(templates, "TEMPLATES", tuple(t for t in templates.TEMPLATES if t != "opted_out"))
@@ -285,6 +286,7 @@ async def _stop_reply_parked_unstored(rt: Any, sim: Any, worker: Any, client: An
     return job
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_whose_job_parked_before_storing_its_message_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -298,6 +300,7 @@ async def test_a_discarded_reply_whose_job_parked_before_storing_its_message_giv
     assert await _answered_of_six(rt, worker, sim, sms_client) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_never_stored_that_africas_talking_may_have_keeps_its_count(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -313,6 +316,7 @@ async def test_a_discarded_reply_never_stored_that_africas_talking_may_have_keep
     assert await _answered_of_six(rt, worker, sim, sms_client) == 4
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_whose_last_try_was_cut_off_keeps_its_count(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
 ) -> None:
@@ -327,6 +331,7 @@ async def test_a_discarded_reply_whose_last_try_was_cut_off_keeps_its_count(
     assert await _answered_of_six(rt, worker, sim, sms_client) == 4
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_discarded_reply_never_stored_whose_last_try_was_cut_off_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:

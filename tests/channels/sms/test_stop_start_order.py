@@ -19,7 +19,7 @@ from channels.sms.templates import render
 from core.db import utcnow
 from core.models import Member, OutboxJob, PhoneOptOut, SmsMessage
 from tests.channels.sms.test_routes import ALINE, first_try_fails_after_its_count
-from tests.conftest import drain, early_in_window, requires_pg, waiting_for_locks
+from tests.conftest import drain, requires_pg, waiting_for_locks
 
 
 async def _text(client: Any, text: str, message_id: str, date: str) -> None:
@@ -103,12 +103,12 @@ async def _replies_to_status(rt: Any, client: Any, count: int) -> int:
         return sum(job.payload["template"] == "not_found" for job in jobs)
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_the_reply_to_a_stop_undone_since_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     """Her STOP's reply, judged at its retry, is not sent (switched_since): it uses none of her 5 replies per 10
     minutes. Counted still, she got 1 reply (the START's) and 3 of her next 4 keywords were answered."""
-    await early_in_window(600, room=60)
     await _stop_undone_since(rt, sms_client, sim, worker)
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(SmsMessage.failure_reason).where(SmsMessage.template == "opted_out"))
@@ -118,13 +118,13 @@ async def test_the_reply_to_a_stop_undone_since_gives_its_count_back(
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_replies_to_stop_and_start_not_sent_count_once_and_only_what_went(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     """A reply dropped at its first turn (her START taken before the worker got to her STOP's reply: nothing stored)
     gives its count back once, its job run again included; the aggregator's retry of that STOP gets no reply and
     counts nothing; and her STOP taken after her later START (stale: no reply) counts nothing either."""
-    await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await drain(worker)
@@ -138,13 +138,13 @@ async def test_replies_to_stop_and_start_not_sent_count_once_and_only_what_went(
     assert await _replies_to_status(rt, sms_client, 5) == 4  # 1 + 4: the fifth is refused
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_counted_by_its_texts_first_try_and_not_sent_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her STOP's first try counted its reply and failed (503); its retry queued the reply, which her START taken
     since leaves unsent (switched_since): the count the first try made is given back, as its own would be. Kept
     counted (the retry knew no time for it), 3 of her next 5 keywords were answered, not 4."""
-    await early_in_window(600, room=60)
     await first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
@@ -155,12 +155,12 @@ async def test_a_reply_counted_by_its_texts_first_try_and_not_sent_gives_its_cou
     assert await rt.redis.get(_taken_key(rt.cipher.blind_index(ALINE), "at-1", "reply")) == b"1"
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_stale_retry_gives_back_the_count_its_first_try_made(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her STOP's first try counted its reply and failed (503); her START, sent after it, is taken before its retry,
     which is then stale: no reply, and the first try's count given back."""
-    await early_in_window(600, room=60)
     await first_try_fails_after_its_count(sms_client, monkeypatch, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry: stale
@@ -170,6 +170,7 @@ async def test_a_stale_retry_gives_back_the_count_its_first_try_made(
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_stale_retry_gives_back_no_count_of_a_reply_its_first_try_queued(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
@@ -189,7 +190,6 @@ async def test_a_stale_retry_gives_back_no_count_of_a_reply_its_first_try_queued
         await real(*args)
 
     monkeypatch.setattr(routes, "_mark_taken", mark_lost_once)
-    await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await drain(worker)
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
@@ -200,6 +200,7 @@ async def test_a_stale_retry_gives_back_no_count_of_a_reply_its_first_try_queued
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 @pytest.mark.parametrize("went", [True, False], ids=["reply-went", "reply-not-sent"])
 async def test_a_stop_taken_twice_at_once_and_then_stale_counts_its_reply_once(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any, went: bool
@@ -220,7 +221,6 @@ async def test_a_stop_taken_twice_at_once_and_then_stale_counts_its_reply_once(
             await asyncio.wait_for(go.wait(), 30)
         return answer
 
-    await early_in_window(600, room=60)
     with monkeypatch.context() as patched:
         patched.setattr(rt.redis, "eval", lined_up)
         first = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, update
 
@@ -21,7 +22,7 @@ from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_send_faults import make_due
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _stop_undone_since, _text
-from tests.conftest import drain, early_in_window
+from tests.conftest import drain
 
 
 def _redis_refuses_once(monkeypatch: Any) -> list[int]:
@@ -44,13 +45,13 @@ async def _the_reply(rt: Any) -> tuple[str, str | None, str | None]:
     return row.status, row.provider_status, row.failure_reason
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_switched_since_gives_its_count_back_though_redis_refused_it_at_the_move(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her STOP's reply (stored by a try that failed) is FAILED switched_since at its retry, after her START, and
     Redis refuses the give-back then. Its give-back job waits for Redis, its attempt kept, and gives the count back on
     its next try: 4 of her next 5 keywords answered. Given back in the run (best effort), it stayed counted: 3."""
-    await early_in_window(600, room=60)
     refused = _redis_refuses_once(monkeypatch)
     await _stop_undone_since(rt, sms_client, sim, worker)
     assert refused
@@ -65,13 +66,13 @@ async def test_a_reply_switched_since_gives_its_count_back_though_redis_refused_
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_switched_since_whose_run_is_lost_right_after_the_move_gives_its_count_back(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """The worker's run of her STOP's reply is lost right after it moved the reply to FAILED (its process killed:
     here an error raised there), before any give-back. Its job's next run finds the reply FAILED and does nothing:
     the give-back must have been committed with the move. Left to the run, 3 of her next 5 keywords were answered."""
-    await early_in_window(600, room=60)
     real = SmsJobs._move
 
     async def lost_after_the_move(self: Any, message_id: str, target: SmsStatus, **kwargs: Any) -> bool:
@@ -93,13 +94,13 @@ async def test_a_reply_switched_since_whose_run_is_lost_right_after_the_move_giv
     assert jobs == {"opted_out": "DONE", "opted_in": "DONE", GIVE_BACK_JOB: "DONE"}
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_switched_since_before_it_was_stored_gives_its_count_back_though_redis_refused_it(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her START taken before the worker got to her STOP's reply (nothing stored, nothing moved), Redis refusing the
     give-back then: the job queued with the reply's job's end gives it back once Redis takes it (4 of her next 5
     keywords answered). Given back in the run (best effort), it stayed counted: 3."""
-    await early_in_window(600, room=60)
     refused = _redis_refuses_once(monkeypatch)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
@@ -114,13 +115,13 @@ async def test_a_reply_switched_since_before_it_was_stored_gives_its_count_back_
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_reply_switched_since_gives_its_count_back_once_however_often_its_jobs_run(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     """Its give-back job run again (its worker lost after Redis took it, before DONE was written), and the reply's
     own job run again (its end lost): one give-back job, the count given back once. Given back twice, her STATUS's
     count went too: 5 of her next 5 answered, 6 replies in her 10 minutes."""
-    await early_in_window(600, room=60)
     await _stop_undone_since(rt, sms_client, sim, worker)
     [back] = await jobs_of(rt, GIVE_BACK_JOB)
     assert back.status == "DONE"
@@ -136,6 +137,7 @@ async def test_a_reply_switched_since_gives_its_count_back_once_however_often_it
     assert await _replies_to_status(rt, sms_client, 4) == 4
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_give_back_job_for_a_reply_that_went_gives_nothing_back(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
@@ -146,7 +148,6 @@ async def test_a_give_back_job_for_a_reply_that_went_gives_nothing_back(
     from channels.sms.jobs import message_key, message_keys
     from core.outbox import enqueue
 
-    await early_in_window(600, room=60)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await drain(worker)
     [reply] = await jobs_of(rt, "sms.send")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, ClassVar
 
 import pytest
 
@@ -44,21 +44,50 @@ def in_flight() -> float:
 
 class Gate:
     """Holds every hop inside its handler (at the session load, before anything is read or written) until
-    opened; `entered` counts the hops held."""
+    opened; `entered` counts the hops held, `left` those that went on past it and ended.
+
+    Every gate a test makes is released when the test ends (`release`, by `_gates_released`), whether it passed or
+    not: a test that failed with hops still held left them waiting for the gate, and they went on (cut by their
+    budget, or let through as the app closed) into the next test's clean-up, which then failed too."""
+
+    made: ClassVar[list[Gate]] = []  # this test's gates (emptied by _gates_released)
 
     def __init__(self) -> None:
         self.entered = 0
+        self.left = 0
         self.opened = asyncio.Event()
         self._came = asyncio.Condition()
+        self._hops: list[asyncio.Task[str]] = []
+        Gate.made.append(self)
 
     def hold(self, real: Callable[..., Any]) -> Callable[..., Any]:
         async def held(*args: Any, **kwargs: Any) -> Any:
             async with self._came:
                 self.entered += 1
                 self._came.notify_all()
-            await self.opened.wait()
-            return await real(*args, **kwargs)
+            try:
+                await self.opened.wait()
+                return await real(*args, **kwargs)
+            finally:
+                async with self._came:
+                    self.left += 1
+                    self._came.notify_all()
         return held
+
+    def send(self, hop: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
+        """A hop sent meanwhile (as a task), which the release waits for too."""
+        task = asyncio.create_task(hop)
+        self._hops.append(task)
+        return task
+
+    async def release(self) -> None:
+        """Open the gate and wait, within the test's patience, for every hop it held to leave the handler and
+        every hop sent through `send` to be answered (or fail: the test has ended, nobody reads it)."""
+        self.opened.set()
+        async with self._came:
+            await asyncio.wait_for(self._came.wait_for(lambda: self.left >= self.entered), PATIENCE)
+        if self._hops:
+            await asyncio.wait_for(asyncio.gather(*self._hops, return_exceptions=True), PATIENCE)
 
     async def until(self, count: int) -> None:
         """Until `count` hops are held, within the test's patience (a count of short sleeps ran out on a loaded
@@ -81,11 +110,22 @@ async def capped(rt: Any, aiohttp_client: Any, settings_factory: Any) -> Any:
     return client
 
 
+@pytest.fixture(autouse=True)
+async def _gates_released(capped: Any) -> AsyncIterator[None]:
+    """Every gate the test made released once it ends (see Gate), before the app and the runtime close (this
+    fixture comes after `capped`, so it ends before it)."""
+    Gate.made.clear()
+    yield
+    made, Gate.made[:] = list(Gate.made), []
+    for gate in made:
+        await gate.release()
+
+
 async def fill(client: Any, monkeypatch: Any) -> tuple[Gate, list[asyncio.Task[str]]]:
     """Two opening hops held in flight: the cap is full until the gate opens."""
     gate = Gate()
     monkeypatch.setattr(sessions, "load_opening", gate.hold(sessions.load_opening))
-    held = [asyncio.create_task(AtPhone(client, EN_MTN).dial()) for _ in range(2)]
+    held = [gate.send(AtPhone(client, EN_MTN).dial()) for _ in range(2)]
     await gate.until(2)
     return gate, held
 
@@ -106,7 +146,7 @@ async def test_the_hop_past_the_cap_is_answered_unavailable_at_once_and_nothing_
     busy_sessions = sample("gateway_ussd_sessions_total", aggregator="africastalking", outcome="busy")
     gauge = in_flight()
     first, second = AtPhone(capped, EN_MTN), AtPhone(capped, EN_MTN)
-    held = [asyncio.create_task(first.dial()), asyncio.create_task(second.dial())]
+    held = [gate.send(first.dial()), gate.send(second.dial())]
     await gate.until(2)
     assert in_flight() == gauge + 2
 
@@ -206,7 +246,7 @@ async def test_a_copy_of_a_hop_paying_now_is_told_to_wait_for_the_sms(capped: An
     await phone.send("2")
     gate = Gate()
     monkeypatch.setattr(core.payments, "create_payment", gate.hold(core.payments.create_payment))
-    paying = asyncio.create_task(phone.send("1"))
+    paying = gate.send(phone.send("1"))
     await gate.until(1)  # the payment began: the hop is inside its transaction
     shed = shed_count("africastalking")
     copy = await asyncio.wait_for(phone.resend(), PATIENCE)
