@@ -73,7 +73,15 @@ class LimiterClock:
     a minute and still failed when its body ran past the minute's turn on a loaded machine (the 11th wrong
     password let through). Held still, every request of the test is counted in one window however long the
     test takes; a test of a window's turn moves the clock itself (`now`, `advance`). Only the limiters' clock:
-    the database, JWTs and Redis expiries keep the real time."""
+    the database and JWTs keep the real time.
+
+    Redis expires a window's count on its own clock, which nothing here holds (EXPIRE: two windows after the
+    count, 2 s for the SMS sender's 1-s window): the window never turns while the clock is held, but its count
+    vanished when the host stalled that long, and the next request was let through. So the fixture also keeps
+    every count for at least HELD_EXPIRY (the test's Redis database is emptied before each test). The leases of
+    requests in flight (core.ratelimit.LEASE, 30 s) still end on Redis's clock, as they would in production."""
+
+    HELD_EXPIRY = 3600
 
     # A second into a day (2027-01-15 00:00 UTC), so into a minute, 10 minutes and an hour too: every window
     # of the limits has just begun, and the one before it is empty.
@@ -100,6 +108,16 @@ def limiter_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[LimiterClock]:
 
     clock = LimiterClock()
     monkeypatch.setattr(ratelimit, "time", clock)
+    script_args = ratelimit.RateLimiter._script_args
+
+    def held_expiry(self: Any, limit: Any, subject: str, read: str | None, now: float) -> Any:
+        """A window's count kept at least HELD_EXPIRY on Redis's clock (see LimiterClock): the count's
+        arguments are (*keys, expiry, previous window's weight, effective count)."""
+        keys, args, allowed_count = script_args(self, limit, subject, read, now)
+        at = len(keys)
+        return keys, (*args[:at], max(int(args[at]), LimiterClock.HELD_EXPIRY), *args[at + 1:]), allowed_count
+
+    monkeypatch.setattr(ratelimit.RateLimiter, "_script_args", held_expiry)
     auth_routes.LOCAL_FAILURES.clear()
     yield clock
     auth_routes.LOCAL_FAILURES.clear()
