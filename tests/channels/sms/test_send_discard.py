@@ -123,6 +123,7 @@ async def test_a_discarded_reply_to_stop_gives_its_count_back_once(
     assert len(sim.messages(ALINE)) == 5
 
 
+@pytest.mark.usefixtures("limiter_clock")  # the help is one a calendar day: given back or not, a new day has one
 async def test_a_discarded_reply_to_a_text_not_understood_gives_the_days_help_back(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
 ) -> None:
