@@ -61,6 +61,7 @@ from channels.sms.templates import (
 )
 from core import metrics, pgraw
 from core.audit import Actor
+from core.audit import record as audit_record
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
 from core.members import PhoneReleased, number_came_since_rows, number_opted_out
@@ -302,17 +303,23 @@ class SmsJobs:
                          extra={"member_id": payload.get("member_id"), "reason": void,
                                 "template": payload.get("template")})
                 # A keyword's reply switched since gives its count back through a GIVE_BACK_JOB that commits
-                # with the reply's end: given back after it (Redis, best effort), a worker lost or Redis failing
-                # in between left it counted for good.
+                # with the reply's end: given back after it only (Redis, best effort), a worker lost or Redis failing
+                # in between left it counted for good. At once too, once that end has committed (best effort: the
+                # job is the durable way), so her next keyword is not refused by a count the job gives back only at
+                # the worker's next poll; once in all (give_back_reply's mark), as the inbound route's.
                 given_back = (_give_back_jobs(job.id, payload, payload.get("cooperative_id"))
                               if void == SWITCHED_SINCE else [])
+                queued = False
                 if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again), the give-back
                     # queued by the move itself (none when another run or a discard moved it first: theirs)
-                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
-                                     provider_status=SKIPPED, jobs=given_back)
-                elif given_back:  # never stored, so never sent: queued with the job's end
-                    await finish_queueing(rt.sessionmaker, job, given_back)
+                    queued = await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
+                                              provider_status=SKIPPED, jobs=given_back) and bool(given_back)
+                elif given_back:  # never stored, so never sent: queued with the job's end (by this run only, while
+                    # it holds the job; a run outside a worker queues it alone)
+                    queued = await finish_queueing(rt.sessionmaker, job, given_back) or job.locked_by is None
+                if queued:
+                    await _give_back(rt, payload, best_effort=True)
                 if void in SAID_ON_THE_JOB:
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
                     # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
@@ -438,17 +445,51 @@ class SmsJobs:
 
     async def _record_sent(self, job: Job, message_id: str, answer: Answer) -> bool:
         """QUEUED -> SENT with what AT answered (its id, status, cost, when), the job finished with it; whether
-        this run moved the row. A parked attempt's note (failure_reason) goes, if the job was replayed."""
-        return await self._move(
-            message_id,
-            SmsStatus.SENT,
-            finish=job,
-            provider_message_id=answer.provider_message_id,
-            provider_status=answer.provider_status,
-            cost=answer.cost,
-            sent_at=_parse_time(answer.sent_at),
-            clear=("failure_reason",),
-        )
+        this run recorded it. A parked attempt's note (failure_reason) goes, if the job was replayed. A row another
+        run recorded Unconfirmed meanwhile (it took the job over from this run, stalled past its lease after storing
+        the row, and could not tell whether this run had sent it) is confirmed with this answer (_confirm)."""
+        values: dict[str, Any] = {"provider_message_id": answer.provider_message_id,
+                                  "provider_status": answer.provider_status, "cost": answer.cost,
+                                  "sent_at": _parse_time(answer.sent_at)}
+        if await self._move(message_id, SmsStatus.SENT, finish=job, clear=("failure_reason",), **values):
+            return True
+        return await self._confirm(message_id, SmsStatus.SENT, values)
+
+    async def _confirm(self, message_id: str, target: SmsStatus, values: dict[str, Any]) -> bool:
+        """This run sent the message (AT answered: accepted, `target` SENT, or refused it, REJECTED) after the run
+        that took its job over had recorded it Unconfirmed (SENT, no id: it found the row this run stored QUEUED, its
+        job lost by this run, and could not tell whether this run had sent it, so it sent nothing). One copy went,
+        this run's: the row is made to say so, with AT's id (the delivery reports for it then find the row, and
+        parked ones are applied) or its refusal, and audited (sms.confirmed, or the move to REJECTED). Only a row
+        still so (SENT, Unconfirmed, no id): one a delivery report or another answer reached first is left. Whether
+        it was; the rare path (a run stalled past its lease between storing its row and its request), so a short
+        transaction of two statements, on any database."""
+        values = {k: _fit(k, v) for k, v in values.items() if v is not None}
+        changes = {**values, "updated_at": utcnow()}
+        if target is SmsStatus.SENT:
+            changes["failure_reason"] = None
+        else:
+            changes["status"] = target.value
+        async with self.rt.sessionmaker.begin() as session:
+            row = (await session.execute(
+                update(SmsMessage)
+                .where(_SMS.c.id == message_id, _SMS.c.status == SmsStatus.SENT.value,
+                       _SMS.c.provider_status == SENT_UNCONFIRMED, _SMS.c.provider_message_id.is_(None))
+                .values(changes)
+                .returning(_SMS.c.cooperative_id, _SMS.c.template, _SMS.c.member_id))).first()
+            if row is None:
+                return False
+            await audit_record(
+                session, actor=WORKER, entity_type=SMS.name, entity_id=message_id, cooperative_id=row.cooperative_id,
+                action=f"{SMS.name}.{'confirmed' if target is SmsStatus.SENT else target.value.lower()}",
+                before={"status": SmsStatus.SENT.value, "provider_status": SENT_UNCONFIRMED},
+                after={"status": target.value, **values, "template": row.template, "member_id": row.member_id})
+        log.warning("SMS recorded Unconfirmed by the run that took its job over was sent by this run (stalled past "
+                    "its lease): recorded as it went", extra={"sms_id": message_id, "status": target.value,
+                                                              "provider_message_id": values.get("provider_message_id")})
+        if target is not SmsStatus.SENT:
+            metrics.SMS.labels(status=target.value).inc()
+        return True
 
     async def _remember(self, message_id: str, kept: str, answer: Answer) -> None:
         """Keep AT's answer for any later run of the job (ANSWER_SECONDS), before its outcome is written: a run
@@ -512,13 +553,10 @@ class SmsJobs:
             "SMS refused by the aggregator",
             extra={"sms_id": message.id, "status": result.provider_status, "to": message.phone_masked},
         )
-        await self._move(
-            message.id,
-            SmsStatus.REJECTED,
-            finish=job,
-            provider_status=result.provider_status,
-            failure_reason=(result.failure_reason or result.provider_status)[:64],
-        )
+        refused: dict[str, Any] = {"provider_status": result.provider_status,
+                                   "failure_reason": (result.failure_reason or result.provider_status)[:64]}
+        if not await self._move(message.id, SmsStatus.REJECTED, finish=job, **refused):
+            await self._confirm(message.id, SmsStatus.REJECTED, refused)
         return None
 
     async def _build(self, conn: AsyncConnection, payload: dict[str, Any], *, sent: bool = False
@@ -963,16 +1001,17 @@ def _texted(rt: Runtime, phone_enc: str) -> str:
     return rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
 
 
-async def _give_back(rt: Runtime, payload: dict[str, Any]) -> None:
+async def _give_back(rt: Runtime, payload: dict[str, Any], *, best_effort: bool = False) -> None:
     """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin) gives back its
     count against the number's reply limits (channels.sms.routes.COUNTED_AT), once whatever the runs of its
     GIVE_BACK_JOB (give_back_unsent) and the ways it was not sent. One queued without it (an earlier release's, or by
     the retry of a text an earlier release's try counted) stays counted, and so does one whose number an erasure took
-    off its job. Redis failing raises (the job tries again)."""
+    off its job. Redis failing raises (the job tries again); `best_effort` (the worker's at once, beside the job that
+    is queued): logged, left to the job."""
     counted_at = _counted(payload)
     if counted_at is not None:
         await give_back_reply(rt, _texted(rt, payload["phone_enc"]), message_key(payload), counted_at,
-                              str(payload.get("template")), best_effort=False)
+                              str(payload.get("template")), best_effort=best_effort)
 
 
 def _counted(payload: dict[str, Any]) -> float | None:

@@ -20,7 +20,7 @@ from core.ratelimit import RateLimiter
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import ALINE
 from tests.channels.sms.test_stop_start_order import _replies_to_status, _text
-from tests.channels.sms.test_switched_since_give_back import _redis_refuses_once
+from tests.channels.sms.test_switched_since_give_back import _redis_refuses
 from tests.conftest import drain
 
 
@@ -32,7 +32,7 @@ async def test_a_stale_stop_gives_its_count_back_though_redis_refused_it_in_the_
     the request. Its give-back job, committed with the text, gives it back: 4 of her next 5 keywords answered (the
     START's reply used one). Given back in the request only, it stayed counted: 3."""
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
-    refused = _redis_refuses_once(monkeypatch)
+    refused = _redis_refuses(monkeypatch)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # sent before her START: stale
     assert refused
     await drain(worker)
@@ -53,7 +53,7 @@ async def test_a_retry_that_counted_again_gives_its_count_back_though_redis_refu
     index = rt.cipher.blind_index(ALINE)
     await rt.redis.delete(_taken_key(index, "at-1", "reply"), _taken_key(index, "at-1", "reply-at"),
                           RateLimiter(rt.redis)._mark(_reply_limits("STOP"), index, "at-1", "once"))
-    refused = _redis_refuses_once(monkeypatch)
+    refused = _redis_refuses(monkeypatch)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry
     assert refused
     await drain(worker)

@@ -25,17 +25,17 @@ from tests.channels.sms.test_stop_start_order import _replies_to_status, _stop_u
 from tests.conftest import drain
 
 
-def _redis_refuses_once(monkeypatch: Any) -> list[int]:
-    """The next give-back (RateLimiter.uncount_once) finds Redis refusing connections; the ones after it go."""
+def _redis_refuses(monkeypatch: Any, times: int = 1) -> list[int]:
+    """The next `times` give-backs (RateLimiter.uncount_once) find Redis refusing connections; the ones after go."""
     real, refused = RateLimiter.uncount_once, []
 
-    async def refuses_once(self: Any, *args: Any, **kwargs: Any) -> bool:
-        if not refused:
+    async def refuses(self: Any, *args: Any, **kwargs: Any) -> bool:
+        if len(refused) < times:
             refused.append(1)
             raise RedisConnectionError("Connection refused")
         return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(RateLimiter, "uncount_once", refuses_once)
+    monkeypatch.setattr(RateLimiter, "uncount_once", refuses)
     return refused
 
 
@@ -50,11 +50,12 @@ async def test_a_reply_switched_since_gives_its_count_back_though_redis_refused_
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her STOP's reply (stored by a try that failed) is FAILED switched_since at its retry, after her START, and
-    Redis refuses the give-back then. Its give-back job waits for Redis, its attempt kept, and gives the count back on
-    its next try: 4 of her next 5 keywords answered. Given back in the run (best effort), it stayed counted: 3."""
-    refused = _redis_refuses_once(monkeypatch)
+    Redis refuses the give-back then (the run's own, at once, and its give-back job's first try). The job waits for
+    Redis, its attempt kept, and gives the count back on its next try: 4 of her next 5 keywords answered. Given back
+    in the run only (best effort), it stayed counted: 3."""
+    refused = _redis_refuses(monkeypatch, times=2)
     await _stop_undone_since(rt, sms_client, sim, worker)
-    assert refused
+    assert len(refused) == 2
     assert await _the_reply(rt) == ("FAILED", "Skipped", "not sent: switched_since")
     waited = await jobs_of(rt, GIVE_BACK_JOB)
     await make_due(rt)
@@ -99,13 +100,14 @@ async def test_a_reply_switched_since_before_it_was_stored_gives_its_count_back_
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
     """Her START taken before the worker got to her STOP's reply (nothing stored, nothing moved), Redis refusing the
-    give-back then: the job queued with the reply's job's end gives it back once Redis takes it (4 of her next 5
-    keywords answered). Given back in the run (best effort), it stayed counted: 3."""
-    refused = _redis_refuses_once(monkeypatch)
+    give-back then (the run's at once, and its job's first try): the job queued with the reply's job's end gives it
+    back once Redis takes it (4 of her next 5 keywords answered). Given back in the run only (best effort), it stayed
+    counted: 3."""
+    refused = _redis_refuses(monkeypatch, times=2)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
     await drain(worker)
-    assert refused
+    assert len(refused) == 2
     assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(SmsMessage.template))).scalars().all() == ["opted_in"]
@@ -158,3 +160,40 @@ async def test_a_give_back_job_for_a_reply_that_went_gives_nothing_back(
     await drain(worker)
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
     assert await _replies_to_status(rt, sms_client, 5) == 4
+
+
+async def _statuses_answered(rt: Any, client: Any, count: int, first: int = 0) -> int:
+    """Text STATUS `count` times (inbound ids from `first`: each a text of its own); how many STATUS replies are
+    queued in all."""
+    for i in range(first, first + count):
+        await _text(client, "STATUS PAY_20260115_999999", f"status-{i}", "2026-01-15 10:02:00")
+    return sum(job.payload["template"] == "not_found" for job in await jobs_of(rt, "sms.send"))
+
+
+@pytest.mark.usefixtures("limiter_clock")
+@pytest.mark.parametrize("stored", [True, False])
+async def test_a_reply_switched_since_gives_its_count_back_at_once_and_once(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, stored: bool
+) -> None:
+    """The worker's run that ends her STOP's reply unsent (switched_since: stored by a try that failed, `stored`, or
+    not yet) gives its count back at once, beside the give-back job it queues: the keywords she texts right after,
+    before any poll of the worker runs that job, are answered (4 of 5: her START's reply used one). Left to the job,
+    3 were. Then the job runs and gives nothing back a second time: her next keyword is refused."""
+    if stored:
+        sim.set_failure("http500", times=1)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    if stored:
+        await drain(worker)  # the STOP's reply stored, its try failed: waits for its retry
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    if stored:
+        await drain(worker)  # the START's reply goes
+        await make_due(rt)
+    for job in await worker.claim():  # one poll: the replies' jobs due, and nothing they queue
+        await worker.run_job(job)
+    assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
+    [back] = await jobs_of(rt, GIVE_BACK_JOB)
+    assert back.status == "PENDING"  # not run yet
+    assert await _statuses_answered(rt, sms_client, 5) == 4
+    await drain(worker)  # the give-back job: the count was given back already, and is not given back twice
+    assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
+    assert await _statuses_answered(rt, sms_client, 1, first=5) == 4
