@@ -468,8 +468,8 @@ class SmsJobs:
         changes = {**values, "updated_at": utcnow()}
         if target is SmsStatus.SENT:
             changes["failure_reason"] = None
-        else:
-            changes["status"] = target.value
+        else:  # refused: it never went, so no sent time (the taker's Unconfirmed stamped one), as any refused
+            changes.update(status=target.value, sent_at=None)
         async with self.rt.sessionmaker.begin() as session:
             row = (await session.execute(
                 update(SmsMessage)

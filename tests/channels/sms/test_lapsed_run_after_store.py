@@ -53,7 +53,9 @@ async def test_a_stalled_run_that_sends_after_its_job_was_taken_over_records_wha
     in her inbox, and the row says SENT with its id, then DELIVERED (or FAILED) by the simulator's report for that
     id, posted to the gateway over HTTP."""
     gateway = await aiohttp_server(gateway_app(rt))
-    _, sim = await start_simulator(aiohttp_server, rt, delivery_delay=0.05,
+    # The report a second after the send: posted sooner (0.05 s), it could reach the row before the read below on a
+    # busy machine (found DELIVERED, not SENT: the test failed though the gateway did right).
+    _, sim = await start_simulator(aiohttp_server, rt, delivery_delay=1.0,
                                    delivery_url=str(gateway.make_url("/sms/africastalking/delivery")))
     if failure:
         sim.set_failure(failure, number=ALINE)
@@ -124,3 +126,20 @@ async def test_a_stalled_run_whose_send_is_refused_after_its_job_was_taken_over_
         actions = (await session.execute(select(AuditEvent.action).where(AuditEvent.entity_id == row.id)
                                          .order_by(AuditEvent.id))).scalars().all()
     assert actions == ["sms.sent", "sms.rejected"]
+
+
+async def test_a_stalled_run_whose_send_is_refused_leaves_no_sent_time_on_the_refused_row(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
+) -> None:
+    """The taker's Unconfirmed stamped sent_at (SENT: it may have gone); the stalled run's refusal makes it REJECTED,
+    never sent, so it has no sent time, as a message Africa's Talking refused at its first send has none (the admin
+    API's sentAt said it was sent at the taker's recording)."""
+    sim.set_failure("InvalidPhoneNumber", number=ALINE)
+    await queue_receipt(rt, demo)
+    run_a, go = await _stall_before_the_request(rt, monkeypatch)
+    await worker.run_job((await worker.claim())[0])  # B: recorded Unconfirmed (sent_at stamped), not sent
+    assert (await the_row(rt)).sent_at is not None
+    go.set()
+    await run_a
+    row = await the_row(rt)
+    assert (row.status, row.sent_at) == ("REJECTED", None)
