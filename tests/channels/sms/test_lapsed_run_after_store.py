@@ -143,3 +143,36 @@ async def test_a_stalled_run_whose_send_is_refused_leaves_no_sent_time_on_the_re
     await run_a
     row = await the_row(rt)
     assert (row.status, row.sent_at) == ("REJECTED", None)
+
+
+async def test_a_stalled_run_that_sends_after_her_erasure_records_its_id_and_keeps_her_row_erased(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
+) -> None:
+    """Her erasure commits after the taker recorded the receipt Unconfirmed and before the stalled run's answer: the
+    answer written on the row (its id, for the delivery reports) leaves her number and the text cleared, and is
+    audited once."""
+    from core.audit import Actor
+    from core.members import erase_member
+    from core.models import Member
+
+    await queue_receipt(rt, demo)
+    run_a, go = await _stall_before_the_request(rt, monkeypatch)
+    await worker.run_job((await worker.claim())[0])  # B: recorded Unconfirmed, not sent
+    async with rt.sessionmaker.begin() as session:
+        member = await session.get(Member, demo["members"][ALINE])
+        member.status = "SUSPENDED"  # erased only once suspended
+        await session.flush()
+        await erase_member(session, member, actor=Actor("admin:test", "admin"))
+    erased = await the_row(rt)
+    go.set()
+    await run_a
+    [went] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id, row.provider_status) in {
+        ("SENT", went["id"], "Success"), ("DELIVERED", went["id"], "Success")}
+    assert (row.phone_enc, row.phone_index, row.phone_masked, row.body) == (
+        erased.phone_enc, erased.phone_index, erased.phone_masked, erased.body) == ("", "", erased.phone_masked, "")
+    async with rt.sessionmaker() as session:
+        actions = (await session.execute(select(AuditEvent.action).where(AuditEvent.entity_id == row.id)
+                                         .order_by(AuditEvent.id))).scalars().all()
+    assert actions[:2] == ["sms.sent", "sms.confirmed"] and actions.count("sms.confirmed") == 1
