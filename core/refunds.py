@@ -774,11 +774,12 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
     asked for since would now give back more than was collected: those not yet sent are withdrawn, newest first,
     until the rest fit. Each FAILED ("not sent"),
     audited, its submission ended and the cooperative's system told (refund.failed); the member, paid back by
-    `sent`, gets no SMS about it. One whose submission has started (or was tried: a try may have reached the
+    `sent`, gets no SMS about it. One whose submission has started (or a try of which may have reached the
     provider) is left to go; if it completes, the member has more back than collected and it is flagged then.
 
-    The submission is ended only while it is PENDING and untried: a worker claiming it at the same moment
-    either finds it ended or holds it RUNNING, and then it is left."""
+    The submission is ended only while no try of it may have reached the provider (_end_unsent_submission, as
+    cancel_refund ends it): a worker claiming it at the same moment either finds it ended or holds it RUNNING, and
+    then it is left."""
     over = await refunds_holding(session, payment) - collected(payment)
     if over <= 0:
         return
@@ -792,13 +793,14 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
     for refund in waiting:
         if over <= 0:
             break
-        # Untried by its marks too (_untried_or_refused), as an admin's withdrawal is: a parked submission replayed
-        # (POST /v1/jobs/replay), or one handed back uncounted, starts again at 0 attempts with its try's CALL_SENT
-        # (a 504) kept, and that try may have been carried out: withdrawn, the member was paid back twice unflagged.
-        if not await end_waiting(session, OutboxJob.kind == "refund.submit",
-                                 OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.attempts == 0,
-                                 _untried_or_refused(), status="PENDING", reason=f"withdrawn: {reason}"):
-            continue  # being sent, or tried already
+        # Ended as an admin's withdrawal ends it (cancel_refund), by its marks (_untried_or_refused), not its
+        # attempts: a parked submission replayed (POST /v1/jobs/replay), or one handed back uncounted, starts again
+        # at 0 attempts with its try's CALL_SENT (a 504) kept, and that try may have been carried out (withdrawn, the
+        # member was paid back twice unflagged); one retried after tries refused unprocessed (the provider's 401 on
+        # the gateway's credentials, a 429), or parked so until its configuration is fixed, sent nothing (left at 1
+        # attempt or more, it went out at its next try or once replayed, and the member was paid back twice).
+        if not await _end_unsent_submission(session, refund.id, f"withdrawn: {reason}"):
+            continue  # being sent, or a try of it may have arrived
         updated = await transition(session, REFUND, refund.id, R.PENDING, R.FAILED, actor=actor,
                                    values={"failure_reason": reason})
         # Withdrawn whole, though only `over` of it had to go (a partial chargeback, a late success smaller than
@@ -1307,16 +1309,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                           "outcome"), field="status", code=INVALID_STATE)
     reason = f"{WITHDRAWN_BY_ADMIN}{note}"
     submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
-    # A submission parked for the gateway's credentials, which sent nothing: by _awaiting_configuration (the provider
-    # took it and processed nothing: its Result refused the gateway's initiator), or by the outbox once its retries
-    # ran out on the provider refusing them at send time (core.jobs.awaiting_configuration: a 401), every try of it
-    # refused unprocessed (_untried_or_refused: one that may have arrived before keeps its CALL_SENT). Withdrawn as
-    # one never sent.
-    unsent_parked = or_(OutboxJob.last_error.startswith(f"{AWAITING_CONFIGURATION}: ", autoescape=True),
-                        and_(_untried_or_refused(),
-                             OutboxJob.last_error.endswith(AWAITING_CONFIGURATION_NOTE, autoescape=True)))
-    if not await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason) \
-            and not await end_waiting(session, *submission, unsent_parked, status="PARKED", reason=reason):
+    if not await _end_unsent_submission(session, refund.id, reason):
         parked = (await session.execute(select(OutboxJob.id).where(*submission, OutboxJob.status == "PARKED")
                                         .limit(1))).first() is not None
         raise Conflict("the refund's submission is parked for manual review: check with the provider, then record "
@@ -1342,6 +1335,21 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
     await session.flush()
     await session.refresh(refund)
     return refund
+
+
+async def _end_unsent_submission(session: AsyncSession, refund_id: str, reason: str) -> bool:
+    """End the refund's submission if none of its tries may have reached the provider (cancel_refund, and
+    _withdraw_unsent): PENDING with every try untried or refused unprocessed (_untried_or_refused), or parked for the
+    gateway's credentials, which sent nothing: by _awaiting_configuration (the provider took it and processed nothing:
+    its Result refused the gateway's initiator), or by the outbox once its retries ran out on the provider refusing
+    them at send time (core.jobs.awaiting_configuration: a 401), every try of it refused unprocessed
+    (_untried_or_refused: one that may have arrived before keeps its CALL_SENT). True when it was ended."""
+    submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund_id}")
+    unsent_parked = or_(OutboxJob.last_error.startswith(f"{AWAITING_CONFIGURATION}: ", autoescape=True),
+                        and_(_untried_or_refused(),
+                             OutboxJob.last_error.endswith(AWAITING_CONFIGURATION_NOTE, autoescape=True)))
+    return bool(await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason)
+                or await end_waiting(session, *submission, unsent_parked, status="PARKED", reason=reason))
 
 
 def _untried_or_refused() -> Any:

@@ -16,6 +16,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from core.db import utcnow
@@ -235,19 +236,59 @@ async def test_a_chargeback_withdraws_a_refund_not_yet_sent_instead_of_paying_tw
     assert await _audit(rt, "refund.returned_beyond_collected") == []
 
 
-async def test_a_refund_parked_unsent_then_withdrawn_says_there_is_nothing_to_recover(
+@pytest.mark.parametrize("parked", ["by its Result", "after its retries"])
+async def test_a_chargeback_withdraws_a_refund_parked_for_the_gateways_credentials(
+        admin: Any, rt: Any, demo: dict[str, Any], parked: str) -> None:
+    """A refund whose submission was parked for the gateway's credentials (the provider refused them: nothing sent)
+    was left by the chargeback (only a queued, untried one was withdrawn) and sent once the credentials were fixed
+    and its job replayed: the member paid back twice. Withdrawn as an admin's withdrawal withdraws it; nothing is
+    flagged (the money went back once)."""
+    from core.ports import AWAITING_CONFIGURATION, AWAITING_CONFIGURATION_NOTE
+
+    paid = await _collected(admin, rt, demo)
+    waiting = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                               json={"amount": 50_000, "idempotencyKey": idem()})
+    error = (f"{AWAITING_CONFIGURATION}: the provider refused the credentials" if parked == "by its Result" else
+             "CredentialsRefused: mtn_momo refused the gateway's credentials for refund (HTTP 401): "
+             f"unauthorized{AWAITING_CONFIGURATION_NOTE}")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{waiting['id']}").values(
+            status="PARKED", attempts=8, last_error=error))
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-12")
+    withdrawn = await admin.json("GET", f"/v1/refunds/{waiting['id']}", 200)
+    assert (withdrawn["status"], withdrawn["failureReason"]) == (
+        "FAILED", f"not sent: the provider sent the money back itself (refund {recorded['reference']}, its chargeback)")
+    async with rt.sessionmaker() as s:
+        submit = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{waiting['id']}")
+                                  )).scalar_one()
+    assert (submit.status, submit.last_error) == ("DONE", f"withdrawn: {withdrawn['failureReason']}")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("REFUNDED", 50_000, False)
+    assert await _audit(rt, "refund.returned_beyond_collected") == []
+
+
+async def test_a_refund_being_sent_then_parked_unsent_and_withdrawn_says_there_is_nothing_to_recover(
         admin: Any, rt: Any, demo: dict[str, Any]) -> None:
-    """A refund whose submission was parked for the gateway's credentials (nothing sent) is not withdrawn by the
-    chargeback (only a queued, untried one is): counted in its flag; the admin withdrawing it later is said there."""
+    """A refund whose submission is being sent when the chargeback is recorded is left to go, and counted in the
+    chargeback's flag; its try is then refused for the gateway's credentials (nothing sent) and parked, and the
+    admin withdrawing it is said on the flag: nothing to recover."""
+    from core.ports import AWAITING_CONFIGURATION
+
     paid = await _collected(admin, rt, demo)
     parked = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
                               json={"amount": 50_000, "idempotencyKey": idem()})
+    submission = OutboxJob.dedupe_key == f"refund:{parked['id']}"
     async with rt.sessionmaker.begin() as s:
-        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{parked['id']}").values(
-            status="PARKED", attempts=1, last_error="AWAITING_CONFIGURATION: the provider refused the credentials"))
+        await s.execute(update(OutboxJob).where(submission).values(status="RUNNING", attempts=1,
+                                                                   locked_by="worker-1"))
     recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-12")
+    assert (await admin.json("GET", f"/v1/refunds/{parked['id']}", 200))["status"] == "PENDING"
     payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
     assert f"goes back if refund {parked['reference']} completes" in payment["mismatchDetail"]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(submission).values(
+            status="PARKED", locked_by=None,
+            last_error=f"{AWAITING_CONFIGURATION}: the provider refused the credentials"))
     await admin.json("POST", f"/v1/refunds/{parked['id']}/cancel", 200, json={"note": "MTN reversed it itself"})
     payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
     assert payment["mismatchDetail"] == (

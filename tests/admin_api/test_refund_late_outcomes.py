@@ -8,9 +8,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.outbox import CALL_SENT, WORKER_LOST
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
 from core.provider_events import handle_provider_event
@@ -341,16 +343,52 @@ async def test_only_as_many_unsent_refunds_as_needed_are_withdrawn_newest_first(
     assert submit.status == "PENDING"
 
 
-async def test_a_refund_whose_submission_was_tried_is_not_withdrawn(admin: Any, rt: Any, demo: dict[str, Any]) -> None:
-    """A submission tried once (its try may have reached the provider) is left to go, as one being sent is: if it
-    completes, the member has more back than collected, and that is flagged then."""
+@pytest.mark.parametrize("tried", ["504", "worker lost"])
+async def test_a_refund_whose_submission_was_tried_is_not_withdrawn(admin: Any, rt: Any, demo: dict[str, Any],
+                                                                    tried: str) -> None:
+    """A submission tried once in a way that may have reached the provider (MTN answered 504: it may still carry the
+    refund out; its worker lost mid-call) is left to go, as one being sent is: if it completes, the member has more
+    back than collected, and that is flagged then. (Its marks say so, core.refunds._untried_or_refused: its attempts
+    alone do not, see the test after this one.)"""
     paid, first = await _parked_refund(admin, rt, demo)
     await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
     second = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    mark = (f"{CALL_SENT}: ProviderError: mtn_momo refund failed on the provider's side (HTTP 504): timeout"
+            if tried == "504" else WORKER_LOST)
     async with rt.sessionmaker.begin() as s:
-        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{second['id']}").values(attempts=1))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{second['id']}").values(
+            attempts=1, last_error=mark))
     assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
     assert (await admin.json("GET", f"/v1/refunds/{second['id']}", 200))["status"] == "PENDING"
     [submit] = await _jobs(rt, kind="refund.submit", dedupe_key=f"refund:{second['id']}")
-    assert (submit.status, submit.attempts) == ("PENDING", 1)
+    assert (submit.status, submit.attempts, submit.last_error) == ("PENDING", 1, mark)
     assert await _audit(rt, "refund.withdrawn") == []
+
+
+@pytest.mark.parametrize("refused", ["429", "token failed"])
+async def test_a_refund_whose_tries_were_refused_unprocessed_is_withdrawn(admin: Any, rt: Any, demo: dict[str, Any],
+                                                                          refused: str) -> None:
+    """A submission tried once, that try refused before anything was processed (MTN's rate limit, HTTP 429) or
+    failed before its call (its token): nothing reached MTN, as for one never tried. It was left to go (only a
+    submission at 0 attempts was withdrawn), and sent at its next try: the member was paid back twice. Withdrawn
+    now, as an admin's withdrawal (POST /v1/refunds/{id}/cancel) withdraws it."""
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    second = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    error = ("ProviderBusy: mtn_momo is rate limiting refund (HTTP 429): too many requests" if refused == "429"
+             else "ProviderError: mtn_momo token failed on the provider's side (HTTP 503): unavailable")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{second['id']}").values(
+            attempts=1, last_error=error))
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    withdrawn = await admin.json("GET", f"/v1/refunds/{second['id']}", 200)
+    assert (withdrawn["status"], withdrawn["failureReason"]) == (
+        "FAILED", f"not sent: refund {first['reference']} went through after all")
+    [submit] = await _jobs(rt, kind="refund.submit", dedupe_key=f"refund:{second['id']}")
+    assert (submit.status, submit.last_error) == (
+        "DONE", f"withdrawn: not sent: refund {first['reference']} went through after all")
+    [entry] = await _audit(rt, "refund.withdrawn")
+    assert entry.entity_id == second["id"]
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"]) == ("REFUNDED", 50_000)
+    assert "more than collected" not in (payment["mismatchDetail"] or "")

@@ -350,3 +350,26 @@ async def test_a_late_success_recorded_by_an_admin_while_a_resolution_holds_the_
     await _withdrawn_once(rt, waiting, payment)
     await _resolved_once(rt, dispute)
 
+
+@pytest.mark.parametrize("submission", ["retrying", "parked"])
+async def test_a_late_success_withdraws_a_refund_waiting_for_the_providers_configuration(
+        rt: Any, demo: dict[str, Any], submission: str) -> None:
+    """The refund waiting was refused by the provider for the gateway's credentials when it was sent (nothing
+    processed: core.jobs.awaiting_configuration), its submission retried, then parked until the configuration is
+    fixed: not sent, and withdrawable (core.refunds.cancel_refund withdraws it). The failed refund then goes through
+    after all: the refund waiting would give back more than was collected. It was left to go (only a submission at
+    0 attempts was withdrawn), sent when the job was replayed, and the member was paid back twice (flagged only once
+    it completed). Withdrawn as an admin's withdrawal would (by its marks: no try of it may have arrived)."""
+    from core.ports import AWAITING_CONFIGURATION, AWAITING_CONFIGURATION_NOTE
+
+    payment, failed, waiting, _dispute = await _setup(rt, demo)
+    error = ("401 credentials refused" + AWAITING_CONFIGURATION_NOTE if submission == "retrying" else
+             f"{AWAITING_CONFIGURATION}: the provider refused the gateway's credentials")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{waiting.id}").values(
+            status="PENDING" if submission == "retrying" else "PARKED", attempts=3, last_error=error))
+    assert await _run(rt, _late_success(rt, failed)) == "completed"
+    await _withdrawn_once(rt, waiting, payment)
+    async with rt.sessionmaker() as s:
+        paid = await s.get(Payment, payment.id)
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
