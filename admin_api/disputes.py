@@ -53,8 +53,11 @@ NOTE = {
                                  f"staff member's or a key's note reads \"{STAFF_LABEL}\" (never an internal id)"},
         "text": NULL_STRING,
         "evidence": NULL_STRING,
-        "status": NULL_STRING,
+        "status": {"type": ["string", "null"],
+                   "description": "the dispute's status with this note: OPEN for the note it was opened with (null on "
+                                  "one opened before a release wrote it)"},
     },
+    "required": ["at", "actor", "text", "evidence", "status"],
 }
 DISPUTE = out(
     {

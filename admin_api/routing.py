@@ -138,7 +138,10 @@ async def authenticate(request: web.Request, rt: Runtime) -> tuple[Principal, di
             return await auth.principal_from_api_key(conn, api_key.strip()), None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Unauthorized")
+        # Said what is missing: the README's calls read $TOKEN from the sign-in, and a sign-in that failed (a
+        # mistyped password) leaves it empty, which a bare "Unauthorized" did not tell from a wrong token.
+        raise Unauthorized("no credentials: send Authorization: Bearer <accessToken> (from POST /v1/auth/token) "
+                           "or an API key in X-API-Key")
     if token.strip().startswith(API_KEY_PREFIX):
         # The README's calls all show a bearer token: "invalid token" did not say where a key goes.
         raise Unauthorized("an API key goes in the X-API-Key header, not Authorization: Bearer")

@@ -220,7 +220,9 @@ async def _open_locked(session: AsyncSession, *, payment: Payment, reason: Dispu
         member_id=payment.member_id, reference=await cooperative_reference(session, "DSP", payment.cooperative_id),
         reason=reason.value,
         status=D.OPEN.value, channel=channel,
-        notes=[{"at": iso_z(utcnow()), "actor": actor.id, "text": note}] if note else [],
+        # In the form of every later note (_note): the opening note had no `evidence` or `status`, the only note
+        # of a dispute a client reading note["status"] failed on.
+        notes=[_note(actor, note, None, D.OPEN.value)] if note else [],
         idempotency_key=idempotency_key, request_hash=request_hash,
     )
     session.add(dispute)
@@ -282,7 +284,9 @@ def present_note(note: Any, *, staff: bool = True) -> Any:
     if not isinstance(note, dict):
         return note
     at = note.get("at")
-    shown = {**note, "at": iso_z(parse_aware(at)) or at}
+    # Every note has the same keys: an opening note stored before _note wrote it had no `evidence` or `status`
+    # (its status unknown there: null, as a note's evidence is without any).
+    shown = {"evidence": None, "status": None, **note, "at": iso_z(parse_aware(at)) or at}
     actor = note.get("actor")
     if not staff and isinstance(actor, str) and actor.partition(":")[0] in _STAFF_KINDS:
         shown["actor"] = STAFF_LABEL

@@ -36,6 +36,18 @@ async def test_wrong_password_and_unknown_user_get_the_same_401(client, demo):
         assert body["path"] == "/v1/auth/token" and body["error"] == "Unauthorized" and body["code"] == "UNAUTHORIZED"
 
 
+async def test_a_call_without_credentials_is_told_what_to_send(client, demo):
+    """The README's calls send `Authorization: Bearer $TOKEN`, $TOKEN read from the sign-in: a sign-in that failed
+    leaves it empty ("Bearer "). The 401 says what is missing and where it comes from, not a bare "Unauthorized"."""
+    told = ("no credentials: send Authorization: Bearer <accessToken> (from POST /v1/auth/token) or an API key in "
+            "X-API-Key")
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Basic YWRtaW46cHc="}):
+        resp = await client.get("/v1/payments?status=COMPLETED", headers=headers)
+        body = await resp.json()
+        assert resp.status == 401, headers
+        assert body["message"] == told and body["code"] == "UNAUTHORIZED", headers
+
+
 async def test_token_request_validation_lists_every_field(client, demo):
     resp = await client.post("/v1/auth/token", json={"user": "x"})
     body = await resp.json()

@@ -47,6 +47,23 @@ async def test_new_notes_are_written_and_read_in_the_apis_form(admin, rt, demo):
     assert [n["at"] for n in stored] == ats  # stored in that form, not only shown in it
 
 
+async def test_every_note_has_the_same_fields_the_opening_one_too(admin, rt, demo):
+    """A client reads each note's `text`, `evidence` and `status` alike: the opening note had neither `evidence`
+    nor `status` (a KeyError, `undefined`, where every later note has them)."""
+    opened = await _dispute(admin, rt, demo)
+    assert opened["notes"] == [{"at": opened["notes"][0]["at"], "actor": opened["notes"][0]["actor"],
+                                "text": "paid twice", "evidence": None, "status": "OPEN"}]
+    await admin.json("POST", f"/v1/disputes/{opened['id']}/transitions", 200,
+                     json={"status": "UNDER_REVIEW", "evidence": "MTN statement line 42"})
+    shown = await admin.json("GET", f"/v1/disputes/{opened['id']}", 200)
+    assert [{k: v for k, v in n.items() if k not in ("at", "actor")} for n in shown["notes"]] == [
+        {"text": "paid twice", "evidence": None, "status": "OPEN"},
+        {"text": None, "evidence": "MTN statement line 42", "status": "UNDER_REVIEW"}]
+    async with rt.sessionmaker() as s:
+        stored = (await s.execute(select(Dispute.notes).where(Dispute.id == opened["id"]))).scalar_one()
+    assert stored[0]["status"] == "OPEN" and stored[0]["evidence"] is None  # stored so, not only shown
+
+
 async def test_notes_stored_in_the_old_form_read_in_the_apis_form(admin, rt, demo):
     opened = await _dispute(admin, rt, demo)
     old = [
@@ -60,8 +77,9 @@ async def test_notes_stored_in_the_old_form_read_in_the_apis_form(admin, rt, dem
     shown = await admin.json("GET", f"/v1/disputes/{opened['id']}", 200)
     assert [n["at"] for n in shown["notes"]] == ["2026-12-03T07:03:17Z", "2026-12-03T07:04:00Z",
                                                   "2026-12-03T07:05:00Z"]
+    # nothing else changed, but that a note stored without `evidence` or `status` (an opening note) shows them null
     assert [{k: v for k, v in n.items() if k != "at"} for n in shown["notes"]] == [
-        {k: v for k, v in n.items() if k != "at"} for n in old]  # nothing else changed
+        {"evidence": None, "status": None, **{k: v for k, v in n.items() if k != "at"}} for n in old]
     listed = (await admin.json("GET", "/v1/disputes", 200))["data"]
     assert [n["at"] for n in listed[0]["notes"]] == [n["at"] for n in shown["notes"]]
     async with rt.sessionmaker() as s:
