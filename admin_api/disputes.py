@@ -53,9 +53,8 @@ NOTE = {
                                  f"staff member's or a key's note reads \"{STAFF_LABEL}\" (never an internal id)"},
         "text": NULL_STRING,
         "evidence": NULL_STRING,
-        "status": {"type": ["string", "null"],
-                   "description": "the dispute's status with this note: OPEN for the note it was opened with (null on "
-                                  "one opened before a release wrote it)"},
+        "status": {"type": "string", "enum": STATUSES,
+                   "description": "the dispute's status with this note: OPEN for the note it was opened with"},
     },
     "required": ["at", "actor", "text", "evidence", "status"],
 }

@@ -283,6 +283,8 @@ ROUTES = [
         "refunds",
         "payments:read",
         query=LIST_QUERY,
+        # GET /v1/disputes takes paymentId; a payment's refunds have their own list.
+        elsewhere={"paymentId": "a payment's refunds are listed by GET /v1/payments/{id}/refunds"},
         response=page_of(REFUND),
     ),
     Route("GET", "/refunds/{id}", get_refund, "Get a refund", "refunds", "payments:read", response=REFUND),

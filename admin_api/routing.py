@@ -86,6 +86,9 @@ class Route:
     status: int = 200
     body: Mapping[str, Any] | None = None  # JSON Schema of the request body
     query: Mapping[str, Param] = field(default_factory=dict)
+    # A query parameter it refuses that a caller may look for here (as another list takes it): where to go instead,
+    # said in the 400 (validation.parse_query).
+    elsewhere: Mapping[str, str] = field(default_factory=dict)
     response: Mapping[str, Any] | None = None  # JSON Schema of the success body
     limit: Limit | None = None  # None: the default bucket for the method
     body_limit: int = JSON_BODY_LIMIT
@@ -136,12 +139,19 @@ async def authenticate(request: web.Request, rt: Runtime) -> tuple[Principal, di
     if api_key:
         async with autocommit(rt.engine) as conn:
             return await auth.principal_from_api_key(conn, api_key.strip()), None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, token = header.strip().partition(" ")
+    if not header.strip() or (scheme.lower() == "bearer" and not token.strip()):
         # Said what is missing: the README's calls read $TOKEN from the sign-in, and a sign-in that failed (a
         # mistyped password) leaves it empty, which a bare "Unauthorized" did not tell from a wrong token.
         raise Unauthorized("no credentials: send Authorization: Bearer <accessToken> (from POST /v1/auth/token) "
                            "or an API key in X-API-Key")
+    if scheme.lower() != "bearer":
+        # Sent, in another form (a token without "Bearer ", Basic, Token): not "no credentials". The header's value
+        # is not repeated (the caller's secret, or bytes of any kind).
+        if (token.strip() or scheme).startswith(API_KEY_PREFIX):
+            raise Unauthorized("an API key goes in the X-API-Key header, not Authorization: Bearer")
+        raise Unauthorized("Authorization takes Bearer <accessToken> (from POST /v1/auth/token); an API key goes "
+                           "in X-API-Key")
     if token.strip().startswith(API_KEY_PREFIX):
         # The README's calls all show a bearer token: "invalid token" did not say where a key goes.
         raise Unauthorized("an API key goes in the X-API-Key header, not Authorization: Bearer")
@@ -368,7 +378,7 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             refused = counted is not None and not counted.decision.allowed
             try:
                 _let_in(principal, route)
-                query = parse_query(request.query, route.query)
+                query = parse_query(request.query, route.query, route.elsewhere)
                 if "from" in route.query and "to" in route.query:
                     await _period(request, held, principal, query)
                 body: Any = None

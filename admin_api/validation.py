@@ -426,8 +426,10 @@ def statement_time(text: str | None, zone: tzinfo, field: str = "completedAt") -
         raise ValidationError(f"{field} must be a date-time {DateOutOfRange.RANGE}", field=field) from None
 
 
-def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:
-    """Typed values for every declared parameter; unknown or bad parameters are all reported."""
+def parse_query(query: Mapping[str, str], params: Mapping[str, Param],
+                elsewhere: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Typed values for every declared parameter; unknown or bad parameters are all reported. `elsewhere`: for a
+    parameter the route does not take but a caller may look for here, where to go instead (said in its refusal)."""
     errors: list[str] = []
     about: set[str] = set()  # the parameters refused: `field` when it is one (as validate's)
 
@@ -438,7 +440,8 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
     values: dict[str, Any] = {name: p.default for name, p in params.items()}
     for name in dict.fromkeys(query):
         if name not in params:
-            refuse(name, f"query parameter {name} is not allowed")
+            hint = (elsewhere or {}).get(name)
+            refuse(name, f"query parameter {name} is not allowed" + (f": {hint}" if hint else ""))
         elif len(getattr(query, "getall", lambda _: [None])(name)) > 1:
             # Read as its first value, `status=PENDING&status=PROCESSING` answered half of what was asked.
             refuse(name, f"query parameter {name} is given more than once")

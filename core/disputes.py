@@ -284,9 +284,11 @@ def present_note(note: Any, *, staff: bool = True) -> Any:
     if not isinstance(note, dict):
         return note
     at = note.get("at")
-    # Every note has the same keys: an opening note stored before _note wrote it had no `evidence` or `status`
-    # (its status unknown there: null, as a note's evidence is without any).
-    shown = {"evidence": None, "status": None, **note, "at": iso_z(parse_aware(at)) or at}
+    # Every note has the same keys, in _note's order (PostgreSQL's JSONB keeps none): an opening note stored before
+    # _open_locked wrote it by _note had no `evidence` or `status`. It is the only note ever stored without them
+    # (every other writer wrote both from the start), and a dispute is always opened OPEN: shown as one opened now.
+    shown = {"at": iso_z(parse_aware(at)) or at, "actor": note.get("actor"), "text": note.get("text"),
+             "evidence": None, "status": DisputeStatus.OPEN.value, **{k: v for k, v in note.items() if k != "at"}}
     actor = note.get("actor")
     if not staff and isinstance(actor, str) and actor.partition(":")[0] in _STAFF_KINDS:
         shown["actor"] = STAFF_LABEL

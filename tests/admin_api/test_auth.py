@@ -41,11 +41,29 @@ async def test_a_call_without_credentials_is_told_what_to_send(client, demo):
     leaves it empty ("Bearer "). The 401 says what is missing and where it comes from, not a bare "Unauthorized"."""
     told = ("no credentials: send Authorization: Bearer <accessToken> (from POST /v1/auth/token) or an API key in "
             "X-API-Key")
-    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Basic YWRtaW46cHc="}):
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": ""}, {"X-API-Key": ""}):
         resp = await client.get("/v1/payments?status=COMPLETED", headers=headers)
         body = await resp.json()
         assert resp.status == 401, headers
         assert body["message"] == told and body["code"] == "UNAUTHORIZED", headers
+
+
+async def test_credentials_under_another_scheme_are_not_told_they_are_missing(client, demo):
+    """A token sent without `Bearer ` (Authorization: <token>), or under another scheme (Basic, Token), was
+    answered "no credentials": it was sent, in the wrong form. The 401 says the form; a key so sent, where keys go."""
+    token = (await login(client, *demo["admin"]))["accessToken"]
+    told = "Authorization takes Bearer <accessToken> (from POST /v1/auth/token); an API key goes in X-API-Key"
+    for value in (token, f"Token {token}", f"JWT {token}", "Basic YWRtaW46cHc="):
+        resp = await client.get("/v1/payments", headers={"Authorization": value})
+        body = await resp.json()
+        assert (resp.status, body["message"], body["code"]) == (401, told, "UNAUTHORIZED"), value
+    for value in ("cpk_abcdefgh", "Token cpk_abcdefgh"):
+        resp = await client.get("/v1/payments", headers={"Authorization": value})
+        body = await resp.json()
+        assert (resp.status, body["message"]) == (401, "an API key goes in the X-API-Key header, not "
+                                                       "Authorization: Bearer"), value
+    resp = await client.get("/v1/payments", headers={"Authorization": f"bearer {token}"})
+    assert resp.status == 200  # the scheme in any case, as before
 
 
 async def test_token_request_validation_lists_every_field(client, demo):

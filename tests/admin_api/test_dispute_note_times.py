@@ -64,6 +64,19 @@ async def test_every_note_has_the_same_fields_the_opening_one_too(admin, rt, dem
     assert stored[0]["status"] == "OPEN" and stored[0]["evidence"] is None  # stored so, not only shown
 
 
+async def test_an_opening_note_stored_before_reads_as_a_new_one(admin, rt, demo):
+    """An opening note stored without `evidence` and `status` (the only note ever written so) reads as the opening
+    note written now reads: a client sorting or showing notes by status sees OPEN on both, not null on the old."""
+    opened = await _dispute(admin, rt, demo)
+    new = (await admin.json("GET", f"/v1/disputes/{opened['id']}", 200))["notes"]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Dispute).where(Dispute.id == opened["id"])
+                        .values(notes=[{k: v for k, v in new[0].items() if k not in ("evidence", "status")}]))
+    old = (await admin.json("GET", f"/v1/disputes/{opened['id']}", 200))["notes"]
+    assert old == new and list(old[0]) == ["at", "actor", "text", "evidence", "status"]
+    assert old[0]["status"] == "OPEN" and old[0]["evidence"] is None
+
+
 async def test_notes_stored_in_the_old_form_read_in_the_apis_form(admin, rt, demo):
     opened = await _dispute(admin, rt, demo)
     old = [
@@ -77,9 +90,10 @@ async def test_notes_stored_in_the_old_form_read_in_the_apis_form(admin, rt, dem
     shown = await admin.json("GET", f"/v1/disputes/{opened['id']}", 200)
     assert [n["at"] for n in shown["notes"]] == ["2026-12-03T07:03:17Z", "2026-12-03T07:04:00Z",
                                                   "2026-12-03T07:05:00Z"]
-    # nothing else changed, but that a note stored without `evidence` or `status` (an opening note) shows them null
+    # nothing else changed, but that a note stored without `evidence` or `status` shows them as a new opening note
+    # does: only the opening note was ever stored without them, and a dispute is always opened OPEN
     assert [{k: v for k, v in n.items() if k != "at"} for n in shown["notes"]] == [
-        {"evidence": None, "status": None, **{k: v for k, v in n.items() if k != "at"}} for n in old]
+        {"evidence": None, "status": "OPEN", **{k: v for k, v in n.items() if k != "at"}} for n in old]
     listed = (await admin.json("GET", "/v1/disputes", 200))["data"]
     assert [n["at"] for n in listed[0]["notes"]] == [n["at"] for n in shown["notes"]]
     async with rt.sessionmaker() as s:
@@ -101,3 +115,28 @@ async def test_dispute_webhook_events_carry_no_notes(admin, rt, demo, receiver, 
     for body in bodies:
         assert body["data"]["id"] == opened["id"] and "notes" not in body["data"]
         assert body["data"]["createdAt"] == opened["createdAt"] and SEED_FORMAT.match(body["data"]["createdAt"])
+
+
+async def test_an_erasure_leaves_old_and_new_opening_notes_reading_alike(admin, rt, demo):
+    """core.members._erase_disputes scrubs a note's text and evidence: an opening note stored before (no `evidence`,
+    no `status`) and one stored now read the same once she is erased (text erased, evidence null, status OPEN)."""
+    from tests.channels.sms.helpers import make_payment as paid
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": "Jeanne M", "phone": "+250788777111",
+                                                                  "status": "PENDING"})
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/approve", 200)
+    ids = []
+    for reference in ("PAY_OLD_NOTE_1", "PAY_OLD_NOTE_2"):
+        payment = await paid(rt, demo["cooperative_id"], account="+250788777111", member_id=jeanne["id"],
+                             reference=reference)
+        ids.append((await admin.json("POST", "/v1/disputes", 201, json={
+            "paymentId": payment.id, "reason": "WRONG_AMOUNT", "note": "Jeanne says twice"}))["id"])
+    async with rt.sessionmaker.begin() as s:
+        note = (await s.execute(select(Dispute.notes).where(Dispute.id == ids[1]))).scalar_one()[0]
+        await s.execute(update(Dispute).where(Dispute.id == ids[1]).values(
+            notes=[{k: v for k, v in note.items() if k not in ("evidence", "status")}]))
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    shown = [(await admin.json("GET", f"/v1/disputes/{i}", 200))["notes"] for i in ids]
+    assert [[{k: v for k, v in n.items() if k != "at"} for n in notes] for notes in shown] == [
+        [{"actor": shown[0][0]["actor"], "text": "[note erased]", "evidence": None, "status": "OPEN"}]] * 2

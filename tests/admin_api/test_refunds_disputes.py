@@ -358,3 +358,15 @@ async def test_the_desk_finds_disputes_by_what_is_left_to_answer_reason_member_r
                         ("member=nope", "member must be"), ("from=2026-13-01", "from")):
         refused = await admin.json("GET", f"/v1/disputes?{query}", 400)
         assert said in str(refused["message"]), (query, refused)
+
+
+async def test_refunds_listed_by_payment_id_are_pointed_to_the_payments_own_list(admin, rt, demo):
+    """`GET /v1/refunds?paymentId=` (as `GET /v1/disputes?paymentId=` takes it) was refused "query parameter
+    paymentId is not allowed" without saying where a payment's refunds are: the 400 names the route."""
+    payment = await _paid(admin, rt, demo)
+    refused = await admin.json("GET", f"/v1/refunds?paymentId={payment['id']}", 400)
+    assert refused["message"] == ["query parameter paymentId is not allowed: a payment's refunds are listed by "
+                                  "GET /v1/payments/{id}/refunds"]
+    assert (await admin.json("GET", f"/v1/payments/{payment['id']}/refunds", 200))["meta"]["total"] == 0
+    other = await admin.json("GET", "/v1/refunds?nonsense=1", 400)
+    assert other["message"] == ["query parameter nonsense is not allowed"]  # others as before
