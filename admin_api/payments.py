@@ -3,6 +3,7 @@ support desk cancels an open one."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -360,46 +361,63 @@ LIST_QUERY = {
 }
 
 
+# Every column of a payment (its mapped attributes' keys).
+_COLUMNS = frozenset(attribute.key for attribute in Payment.__mapper__.column_attrs)
+
+
+def _columns(p: Payment) -> Mapping[str, Any]:
+    """`p`'s column values by key, as its attributes give them. An instance holding every one (loaded, or built from
+    the row just written: core.payments._loaded) has them in its __dict__, where its attributes read them: read
+    there, the 34 that present reads cost about 1 us instead of 15 through SQLAlchemy's descriptors. One missing some
+    (expired) goes through the attributes, as before."""
+    values = p.__dict__
+    if _COLUMNS <= values.keys():
+        return values
+    return {key: getattr(p, key) for key in _COLUMNS}
+
+
 def present(p: Payment) -> dict[str, Any]:
+    v = _columns(p)
+    currency = v["currency"]
     return {
-        "id": p.id,
-        "amount": money_out(p.amount_minor, p.currency),
-        "currency": p.currency,
+        "id": v["id"],
+        "amount": money_out(v["amount_minor"], currency),
+        "currency": currency,
         "collectedAmount": _collected(p),
-        "status": p.status,
-        "paymentMethod": p.method,
-        "paymentAccount": p.payment_account_masked,
-        "reference": p.reference,
-        "gatewayTransactionId": p.provider_transaction_id,
-        "gatewayReference": p.gateway_reference or p.provider_reference,
+        "status": v["status"],
+        "paymentMethod": v["method"],
+        "paymentAccount": v["payment_account_masked"],
+        "reference": v["reference"],
+        "gatewayTransactionId": v["provider_transaction_id"],
+        "gatewayReference": v["gateway_reference"] or v["provider_reference"],
         # A cancelled payment's invoice stays payable at IremboPay (it has no call to withdraw one): its link is not
         # handed out any more, so no client sends the payer to pay what her cooperative cancelled.
-        "paymentUrl": None if p.status == PaymentStatus.CANCELLED.value else p.payment_url,
-        "description": p.description,
-        "dueDate": iso(p.due_date),
-        "completedAt": iso(p.completed_at),
-        "expiresAt": iso(p.expires_at),
-        "createdAt": iso(p.created_at),
-        "updatedAt": iso(p.updated_at),
-        "paymentTypeId": p.payment_type_id,
-        "memberId": p.member_id,
-        "cooperativeId": p.cooperative_id,
-        "fee": money_out(p.fee_minor, p.currency),
-        "refundedAmount": money_out(p.refunded_minor, p.currency),
-        "channel": p.channel,
-        "failureReason": p.failure_reason,
-        "mismatch": bool(p.mismatch),
-        "mismatchDetail": p.mismatch_detail,
-        "review": _review(p),
-        "late": bool(p.late),
+        "paymentUrl": None if v["status"] == PaymentStatus.CANCELLED.value else v["payment_url"],
+        "description": v["description"],
+        "dueDate": iso(v["due_date"]),
+        "completedAt": iso(v["completed_at"]),
+        "expiresAt": iso(v["expires_at"]),
+        "createdAt": iso(v["created_at"]),
+        "updatedAt": iso(v["updated_at"]),
+        "paymentTypeId": v["payment_type_id"],
+        "memberId": v["member_id"],
+        "cooperativeId": v["cooperative_id"],
+        "fee": money_out(v["fee_minor"], currency),
+        "refundedAmount": money_out(v["refunded_minor"], currency),
+        "channel": v["channel"],
+        "failureReason": v["failure_reason"],
+        "mismatch": bool(v["mismatch"]),
+        "mismatchDetail": v["mismatch_detail"],
+        "review": _review(v),
+        "late": bool(v["late"]),
     }
 
 
-def _review(p: Payment) -> dict[str, Any] | None:
-    if p.reviewed_at is None:
+def _review(v: Mapping[str, Any]) -> dict[str, Any] | None:
+    if v["reviewed_at"] is None:
         return None
-    return {"mismatchDetail": p.reviewed_detail, "note": p.review_note, "by": p.reviewed_by,
-            "at": iso(p.reviewed_at)}
+    return {"mismatchDetail": v["reviewed_detail"], "note": v["review_note"], "by": v["reviewed_by"],
+            "at": iso(v["reviewed_at"])}
 
 
 def _collected(p: Payment) -> int | str:

@@ -57,16 +57,22 @@ def _not_json(name: str) -> Any:
     raise ValidationError(f"body is not valid JSON: {name} is not a JSON value (JSON numbers are finite)")
 
 
+# json.loads with parse_float or parse_constant builds a new decoder (and its scanner) on every call: about two thirds
+# of a payment body's parse (9 of 13 us). One decoder is built once and reused; decode keeps no state between calls.
+_DECODER = json.JSONDecoder(parse_float=JsonNumber, parse_constant=_not_json)
+
+
 def parse_json(raw: bytes, request: web.Request) -> Any:
     """The body as JSON. A number with a fraction or an exponent is read as a JsonNumber: a float that keeps the
-    text it was written as, from which an amount is read exactly (core.money.Money.from_api)."""
+    text it was written as, from which an amount is read exactly (core.money.Money.from_api). Decoded as json.loads
+    decodes bytes (UTF-8, 16 or 32 by its first bytes, a UTF-8 BOM dropped), then by the one decoder."""
     ctype = request.content_type
     if raw and ctype not in ("application/json", "") and not ctype.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw, parse_float=JsonNumber, parse_constant=_not_json)
+        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("body is not valid JSON") from None
     except RecursionError:  # "[[[[..." a few thousand deep: Python's parser gives up, no request nests so

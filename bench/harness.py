@@ -31,6 +31,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    profiled: bool = False  # under bench/cprofile_serve.py --on-signal: RssSampler turns its profile on and off
 
     def rss_mb(self) -> float:
         try:

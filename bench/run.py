@@ -205,10 +205,13 @@ def start_simulators(b: Bench) -> None:
 
 def start_serve(b: Bench, name: str = "serve") -> Proc:
     if b.args.cprofile and name == "serve":  # the first process only (a second serve is not profiled)
-        command = [python(), "bench/cprofile_serve.py", str(b.cluster.workdir / "cprofile-serve.prof"), "serve"]
+        command = [python(), "bench/cprofile_serve.py", "--on-signal", str(b.cluster.workdir / "cprofile-serve.prof"),
+                   "serve"]
     else:
         command = [python(), "main.py", "serve"]
-    return b.cluster.start(name, command, b.env, ready_url=f"{b.url}/readyz")
+    proc = b.cluster.start(name, command, b.env, ready_url=f"{b.url}/readyz")
+    proc.profiled = b.args.cprofile and name == "serve"
+    return proc
 
 
 TWO_PROCESSES = ("two serve processes on one port (reuse_port), one per core, as the scale-out guide deploys "
@@ -281,6 +284,8 @@ class RssSampler:
         return round(1000 * self.cpu / operations, 3) if operations else 0.0
 
     def __enter__(self) -> RssSampler:
+        if self.proc is not None and self.proc.profiled:
+            self.proc.popen.send_signal(signal.SIGUSR1)  # its cProfile on for the measured load
         self._cpu_start = self._cpu_end = self.proc.cpu_seconds() if self.proc else 0.0
         self._thread.start()
         spy = Path(python()).parent / "py-spy"
@@ -294,6 +299,8 @@ class RssSampler:
 
     def __exit__(self, *_: object) -> None:
         self._cpu_end = self.proc.cpu_seconds() if self.proc else 0.0
+        if self.proc is not None and self.proc.profiled:
+            self.proc.popen.send_signal(signal.SIGUSR2)
         self._stop.set()
         self._thread.join()
         if self._spy is not None:
@@ -1062,7 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="sample the serve process with py-spy during each scenario (profile-*.txt in the logs)")
     parser.add_argument("--cprofile", action="store_true",
-                        help="run the first serve under cProfile on its CPU clock (cprofile-serve.prof in the logs: "
+                        help="run the first serve under cProfile on its CPU clock, on during the measured loads only "
+                             "(cprofile-serve.prof in the logs: "
                              "written when it stops; see bench/cprofile_serve.py)")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
     parser.add_argument("--hold", type=float, default=0, help="after set-up, wait this long (to poke by hand)")

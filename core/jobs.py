@@ -493,7 +493,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             try:
                 await transition(session, PAYMENT, payment.id, PaymentStatus.PENDING, PaymentStatus.PROCESSING,
                                  actor=WORKER, values=given)
-                metrics.PAYMENTS.labels(status="PROCESSING", method=payment.method).inc()
+                metrics.payment_moved("PROCESSING", payment.method).inc()
             except StaleTransition:
                 # A callback already settled it, or its cooperative cancelled it while this request was on its way
                 # (core.provider_events.cancel_payment): the provider may still take the money, so its ids are kept for

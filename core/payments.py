@@ -393,7 +393,7 @@ async def create_payment(session: Db, rt: Runtime, new: NewPayment, *, actor: Ac
                            code=IDEMPOTENCY_KEY_IN_FLIGHT)
         return _replay(rt.cipher, existing, new, account)
     values["reference"] = reference
-    metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
+    metrics.payment_moved("PENDING", new.method).inc()
     if isinstance(session, AsyncConnection):
         return _loaded(values), True
     return _persistent(session, values), True

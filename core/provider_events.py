@@ -386,7 +386,7 @@ async def _apply_outcome(
                          jobs=notices, alongside=settle.write(result) if settle else None)
         if settle is not None:
             settle.moved()
-        metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
+        metrics.payment_moved("COMPLETED", payment.method).inc()
         return result
     target, template, event_type = _FAILED_TARGET[outcome]
     if current not in OPEN:
@@ -404,7 +404,7 @@ async def _apply_outcome(
                      jobs=jobs, alongside=settle.write(result) if settle else None)
     if settle is not None:
         settle.moved()
-    metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
+    metrics.payment_moved(target.value, payment.method).inc()
     return result
 
 

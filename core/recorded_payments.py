@@ -710,7 +710,7 @@ async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_
                       event_id=f"evt_payment_voided_{payment.id}", data=event_data(moved))
     await transition(session, PAYMENT, payment.id, current, P.VOIDED, actor=actor, values=values,
                      audit={"note": note, "recordedBy": recorded.action}, was=was, jobs=[event])
-    metrics.PAYMENTS.labels(status=P.VOIDED.value, method=payment.method).inc()
+    metrics.payment_moved(P.VOIDED.value, payment.method).inc()
     log.warning("a recording of money taken voided by its cooperative",
                 extra={"payment": payment.reference, "payment_id": payment.id, "actor": actor.id})
     await session.flush()
