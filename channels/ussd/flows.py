@@ -34,6 +34,8 @@ from core.state.payment import COLLECTED, OPEN, PaymentStatus, holds_money, show
 from core.text import is_number, keypad
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from core.payments import NewPayment, PaymentContext
 
 log = logging.getLogger("gateway.ussd")
@@ -507,29 +509,33 @@ async def help_(ctx: Ctx, _key: str) -> str:
 async def coop_items(ctx: Ctx) -> list[Item]:
     ms = await memberships(ctx)
     names = [c.name for _, c in ms]
-    return [Item(c.id, label) for (_, c), label in zip(ms, shorts(names, _coop_size(ctx, names)), strict=True)]
+    labels = _fitted(ctx, "coop.pick", names, lambda labels: labels)
+    return [Item(c.id, label) for (_, c), label in zip(ms, labels, strict=True)]
 
 
-def _coop_size(ctx: Ctx, names: list[str]) -> int:
-    """How long the picker's names may be: whole (up to a line, engine.LINE) when the list fits one screen with
-    them, else as long as lets it fit (shorts: what tells names apart stays), never under the payment types' 22;
-    where even that does not fit, the engine pages the list. Cut to 30 whatever the room, "Kigali Heights Housing
-    Coope.." left 78 of Africa's Talking's 182 characters unused. Measured as the engine lays a page out: the
-    longer of the title and an error line in its place, the numbered lines and the footer."""
+def _fitted(ctx: Ctx, title: str, names: list[str], lines: Callable[[list[str]], list[str]]) -> list[str]:
+    """A list's items with its names as long as they may be: whole (up to a line, engine.LINE) when the list fits
+    one screen with them, else as long as lets it fit (shorts: what tells names apart stays), never under the
+    payment types' 22; where even that does not fit, the engine pages the list. `lines` makes the items from the
+    names so shortened. Cut to a fixed size whatever the room, the picker's "Kigali Heights Housing Coope.." left 78
+    of Africa's Talking's 182 characters unused, and the type list's "Monthly Savings Cont.. GHS 125.50" 80.
+    Measured as the engine lays a page out: the longer of the title and an error line in its place, the numbered
+    lines and the footer."""
     from core import gsm
 
     stack = ctx.state.stack
     footer = [ctx.t("nav.back")] if stack else []
     if len(stack) >= 2:
         footer.append(ctx.t("nav.home"))
-    top = max(gsm.length(ctx.t("coop.pick")), gsm.length(ctx.t("error.invalid_choice")))
+    top = max(gsm.length(ctx.t(title)), gsm.length(ctx.t("error.invalid_choice")))
     fixed = top + sum(gsm.length(line) + 1 for line in footer)
     widest = LINE - len(f"{len(names)}. ")
     for size in range(min(max(map(len, names), default=0), widest), 22, -1):
-        lines = [f"{n}. {label}" for n, label in enumerate(shorts(names, size), start=1)]
-        if fixed + sum(gsm.length(gsm.to_gsm(line)) + 1 for line in lines) <= ctx.limit:
-            return size
-    return 22
+        items = lines(shorts(names, size))
+        numbered = [f"{n}. {item}" for n, item in enumerate(items, start=1)]
+        if fixed + sum(gsm.length(gsm.to_gsm(line)) + 1 for line in numbered) <= ctx.limit:
+            return items
+    return lines(shorts(names))
 
 
 async def coop_chosen(ctx: Ctx, coop_id: str) -> str:
@@ -609,22 +615,26 @@ async def reg_args(ctx: Ctx) -> dict[str, Any]:
 # -- pay ------------------------------------------------------------------------------------------
 
 async def type_items(ctx: Ctx) -> list[Item]:
-    items = []
     types = await payment_types(ctx)
-    labels = shorts([pt.name for pt in types])
     last_day = await _last_day_this_month(ctx) if any(pt.due_day for pt in types) else 31
-    for pt, name in zip(types, labels, strict=True):
-        # A type whose amount the payer enters, with no usual amount: not "0 RWF".
-        free = pt.allow_custom_amount and not pt.amount_minor
-        amount = ctx.t("pay.any_amount") if free else ctx.money(Money(pt.amount_minor, pt.currency))
-        if pt.due_day:
-            # This month's day where the cooperative is: the 31st is the 30th in November, as its reminders date it
-            # (core.reminders.due_dates).
-            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=min(pt.due_day, last_day))
-        else:
-            label = ctx.t("pay.type_line", name=name, amount=amount)
-        items.append(Item(pt.id, label))
-    return items
+
+    def lines(labels: list[str]) -> list[str]:
+        out = []
+        for pt, name in zip(types, labels, strict=True):
+            # A type whose amount the payer enters, with no usual amount: not "0 RWF".
+            free = pt.allow_custom_amount and not pt.amount_minor
+            amount = ctx.t("pay.any_amount") if free else ctx.money(Money(pt.amount_minor, pt.currency))
+            if pt.due_day:
+                # This month's day where the cooperative is: the 31st is the 30th in November, as its reminders
+                # date it (core.reminders.due_dates).
+                out.append(ctx.t("pay.type_line_due", name=name, amount=amount, day=min(pt.due_day, last_day)))
+            else:
+                out.append(ctx.t("pay.type_line", name=name, amount=amount))
+        return out
+
+    # Names whole where the screen has room, as the picker's (_fitted).
+    labels = _fitted(ctx, "pay.types", [pt.name for pt in types], lines)
+    return [Item(pt.id, label) for pt, label in zip(types, labels, strict=True)]
 
 
 async def _last_day_this_month(ctx: Ctx) -> int:
@@ -1266,7 +1276,8 @@ async def done_args(ctx: Ctx) -> dict[str, Any]:
 
 async def payment_items(ctx: Ctx) -> list[Item]:
     recent = await recent_payments(ctx)
-    labels = shorts([name for _, name in recent])  # as the list she paid from names them
+    # Cut to 22 whatever the room: five lines of amount, name, status and reference fill a screen as they are.
+    labels = shorts([name for _, name in recent])
     return [Item(p.id, _payment_line(ctx, n, p, label)) for n, ((p, _), label) in enumerate(zip(
         recent, labels, strict=True), start=1)]
 

@@ -983,17 +983,20 @@ async def test_a_member_of_two_cooperatives_can_reach_both_in_one_session(client
 
 
 async def test_long_names_that_begin_alike_can_be_told_apart_in_the_list(client: Any, demo: Any, rt: Any) -> None:
-    """Both were "Monthly Rent - Buildi." on the screen: the end that differs is kept."""
+    """Both were "Monthly Rent - Buildi." on the screen: whole where the screen has room (test_member_truths), and
+    shortened, the end that differs is kept."""
     from channels.ussd.flows import shorts
 
+    names = [f"Monthly Rent - Building {block}" for block in ("A", "B")]
     async with rt.sessionmaker.begin() as s:
-        for block in ("A", "B"):
-            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=f"Monthly Rent - Building {block}",
-                              amount_minor=60_000, currency="RWF", is_active=True))
+        for name in names:
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=60_000, currency="RWF",
+                              is_active=True))
     phone = AtPhone(client, EN_MTN)
     await phone.dial()
     types = await phone.send("1")
-    assert "Monthly Rent..lding A 60,000 RWF" in types and "Monthly Rent..lding B 60,000 RWF" in types
+    assert "Monthly Rent - Building A 60,000 RWF" in types and "Monthly Rent - Building B 60,000 RWF" in types
+    assert shorts(names) == ["Monthly Rent..lding A", "Monthly Rent..lding B"]
     chosen = await phone.send(option(types, "lding B"))
     assert "Monthly Rent - Building B" in chosen, chosen
     assert shorts(["Water", "Same name", "Same name"]) == ["Water", "Same name", "Same name"]

@@ -11,6 +11,8 @@
   before: a suspended cooperative's membership was not counted).
 - The cooperative picker cut every name to 30 characters ("Kigali Heights Housing Coope..") on a screen with
   room to spare: names are whole where the list fits, shortened (marked "..") only as far as it needs.
+- The list of payment types cut every name to 22 characters ("1. Monthly Savings Cont.. GHS 125.50 (due day 5)"
+  on a screen of about 100 of Hubtel's or Nalo's characters): the same rule as the picker's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from channels.ussd.i18n import translate
 from core import gsm
 from core.audit import Actor
 from core.members import create_member
-from core.models import Cooperative, Member, OutboxJob, Payment, UssdSession
+from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, UssdSession
 from core.phone import normalize
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.channels.ussd.helpers import AtPhone
@@ -242,6 +244,46 @@ async def test_the_picker_shortens_names_only_as_far_as_one_screen_needs(
         assert names[0] == COOP and min(map(len, names[1:])) > 30, screen  # the room is used (was 30 always)
     else:
         assert COOP.startswith(names[0][:-2]) and names[0].endswith(".."), screen
+
+
+# ------------------------------------------------------------------------------------------- the type list
+
+SAVINGS = "Monthly Savings Contribution"  # 28 characters: over the 22 every type's name was cut to
+
+
+async def _type_list(client: Any, rt: Any, demo: Any, aggregator: str, names: tuple[str, ...]) -> list[str]:
+    async with rt.sessionmaker.begin() as s:
+        if aggregator == "nalo":  # the demo's Monthly Rent alone beside it: three types need two of Nalo's screens
+            await s.execute(update(PaymentType).where(PaymentType.cooperative_id == demo["cooperative_id"],
+                                                      PaymentType.name == "Water").values(is_active=False))
+        for name in names:
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=12_550,
+                              currency="RWF", is_active=True))
+    member = AtPhone(client, MEMBERS["en"]) if aggregator == "africastalking" else NaloPhone(client, MEMBERS["en"])
+    await member.dial()
+    screen = await member.send("1")
+    assert screen.startswith("CON Choose what to pay:\n"), screen
+    assert "98. " not in screen and gsm.length(screen[4:]) <= (182 if aggregator == "africastalking" else 120)
+    return [line.split(". ", 1)[1] for line in screen[4:].split("\n")[1:] if line[:1].isdigit()
+            and not line.startswith("0.")]
+
+
+@pytest.mark.parametrize("aggregator", ["africastalking", "nalo"])
+async def test_the_type_list_shows_names_whole_where_the_screen_has_room(
+        client: Any, demo: Any, rt: Any, aggregator: str) -> None:
+    lines = await _type_list(client, rt, demo, aggregator, (SAVINGS,))
+    assert f"{SAVINGS} 12,550 RWF" in lines and ".." not in "".join(lines), lines
+
+
+async def test_the_type_list_shortens_names_only_as_far_as_one_screen_needs(client: Any, demo: Any, rt: Any) -> None:
+    """Two long names beside the demo's two, 4 characters over Africa's Talking's 182 whole: shortened (marked "..")
+    as far as one screen needs, told apart, longer than the 22 they were cut to; the demo's short names whole; no
+    "More"."""
+    lines = await _type_list(client, rt, demo, "africastalking", (f"{SAVINGS} A", f"{SAVINGS} B"))
+    names = [line.split(" 12,550")[0] for line in lines if line.startswith("Monthly S")]
+    assert len(lines) == 4 and all(".." in name and len(name) > 22 for name in names), lines
+    assert [name[-1] for name in names] == ["A", "B"], lines
+    assert any(line.startswith("Monthly Rent 50,000 RWF") for line in lines), lines
 
 
 @pytest.mark.parametrize("code", ["*384*123#", "*384*123*123#"])  # the plain code, the cooperative's extension
