@@ -93,21 +93,15 @@ async def test_two_copies_of_the_opening_hop_answer_alike(client: Any, demo: Any
     assert (await phone.send("1")).startswith("CON ")  # and the session goes on from it
 
 
-@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", "africastalking"])
-async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_other_copy_answered_from(
-        aggregator: str, client: Any, demo: Any, rt: Any, aiohttp_client: Any, monkeypatch: Any) -> None:
-    """The aggregator sent the opening request twice, each copy to another serve process. The first saved the session
-    and wrote its row slowly; the second read that session and answered its menu (a retry). The first's row write
-    then failed: answered "unavailable", it took back the session it saved, the one the second copy's member goes on
-    from, and her next key showed her the menu again. The second copy claims the session it answers from: the take-back
-    leaves it (and the funnel's count of its menu), and her next key goes on from the menu."""
+def _first_copys_row_fails(monkeypatch: Any, *, later_rows: bool = False) -> tuple[asyncio.Event, asyncio.Event]:
+    """The opening hop's first copy saves the session (`saved` set once a save ran) and writes its row slowly: no row
+    with the memberships (records.opened writes it beside the save), and that write waits for `answered`, then fails.
+    `later_rows`: the row writes after that first one go through."""
     from channels.ussd import records
-    from channels.ussd.routes import USSD
-    from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_MTN
-    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
 
     saved, answered = asyncio.Event(), asyncio.Event()
-    real_save = sessions.save
+    real_save, real_opened = sessions.save, records.opened
+    calls = 0
 
     async def save(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -118,13 +112,34 @@ async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_
     async def apart(*_args: Any, **_kwargs: Any) -> None:
         return None  # no row written with the memberships: records.opened() writes it beside the save
 
-    async def written_slowly_then_failed(*_args: Any, **_kwargs: Any) -> None:
-        await asyncio.wait_for(answered.wait(), 10)
-        raise ConnectionError("database went away")
+    async def written_slowly_then_failed(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not later_rows:
+            await asyncio.wait_for(answered.wait(), 10)
+            raise ConnectionError("database went away")
+        await real_opened(*args, **kwargs)
 
     monkeypatch.setattr(records, "opened_reading", apart)
     monkeypatch.setattr(records, "opened", written_slowly_then_failed)
     monkeypatch.setattr(sessions, "save", save)
+    return saved, answered
+
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo", "africastalking"])
+async def test_a_copy_of_the_opening_hop_without_its_row_leaves_the_session_the_other_copy_answered_from(
+        aggregator: str, client: Any, demo: Any, rt: Any, aiohttp_client: Any, monkeypatch: Any) -> None:
+    """The aggregator sent the opening request twice, each copy to another serve process. The first saved the session
+    and wrote its row slowly; the second read that session and answered its menu (a retry). The first's row write
+    then failed: answered "unavailable", it took back the session it saved, the one the second copy's member goes on
+    from, and her next key showed her the menu again. The second copy claims the session it answers from: the take-back
+    leaves it (and the funnel's count of its menu), and her next key goes on from the menu."""
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as GH_MTN
+    from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
+
+    saved, answered = _first_copys_row_fails(monkeypatch)
     other = await another_serve_process(rt, aiohttp_client)
     from tests.channels.ussd.test_abandoned_sessions import _added
     from tests.channels.ussd.test_sessions_counted_once import _counted
@@ -240,30 +255,7 @@ async def test_the_row_of_a_session_another_copy_of_its_opening_hop_goes_on_from
     from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, HubtelPhone, nalo
     from tests.channels.ussd.test_sessions_counted_once import _counted, _notice
 
-    saved, answered = asyncio.Event(), asyncio.Event()
-    real_save, real_opened = sessions.save, records.opened
-    calls = 0
-
-    async def save(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await real_save(*args, **kwargs)
-        finally:
-            saved.set()
-
-    async def apart(*_args: Any, **_kwargs: Any) -> None:
-        return None  # no row written with the memberships: records.opened() writes it beside the save
-
-    async def written_slowly_then_failed_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await asyncio.wait_for(answered.wait(), 10)
-            raise ConnectionError("database went away")
-        await real_opened(*args, **kwargs)
-
-    monkeypatch.setattr(records, "opened_reading", apart)
-    monkeypatch.setattr(records, "opened", written_slowly_then_failed_once)
-    monkeypatch.setattr(sessions, "save", save)
+    saved, answered = _first_copys_row_fails(monkeypatch, later_rows=True)
     other = await another_serve_process(rt, aiohttp_client)
     session_id = f"{aggregator}-two-openings-row"
     before = _counted(aggregator, "unavailable")
