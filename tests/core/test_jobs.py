@@ -12,6 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+import core.jobs
 from core.db import utcnow
 from core.jobs import SETTLE_GRACE
 from core.models import OutboxJob, Payment, Refund
@@ -193,19 +194,29 @@ async def test_mtn_rate_limit_retries_the_collection_after_retry_after(rt, demo,
 
 
 async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: CUT)
+    # The job's budget is ample, so the token, the reads and the stamp before the push are never what runs out on a
+    # slow host (a CI run once spent over 4 s there and the attempt was, rightly, "not sent, sent later"); the push
+    # itself then has one second from the moment it starts: its deadline is what passes while it is out.
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 60.0)
+    until_it_leaves = core.jobs._until_it_leaves
+
+    def push_deadline(name: str, operation: str, call: Any, deadline: float | None = None) -> Any:
+        assert deadline is not None  # the job's own, passed down
+        return until_it_leaves(name, operation, call, min(deadline, asyncio.get_running_loop().time() + 1.0))
+
+    monkeypatch.setattr("core.jobs._until_it_leaves", push_deadline)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
+        await asyncio.sleep(30)  # cut off long before, by the push's deadline
         return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
 
     wire.on("POST", PUSH, slow)
     payment = await mpesa_payment(rt, demo)
     await drain(worker)
     [collect] = await _jobs(rt, "payment.collect")
-    assert collect.status == "DONE" and collect.attempts == 1
+    assert (collect.status, collect.attempts) == ("DONE", 1), collect.last_error
     assert len(wire.sent("POST", PUSH)) == 1
     assert (await _get(rt, Payment, payment.id)).status == "PENDING"
 
