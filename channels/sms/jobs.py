@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from redis.exceptions import AuthenticationError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, null, select, update
+from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
@@ -47,7 +47,7 @@ from channels.sms.routes import (
     give_back_reply,
     parked_key,
 )
-from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
+from channels.sms.sender import SmsNotSentError, SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
     TEMPLATES,
@@ -64,7 +64,13 @@ from core.audit import Actor
 from core.audit import record as audit_record
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
-from core.members import PhoneReleased, number_came_since_rows, number_opted_out
+from core.members import (
+    ERASED_SMS_REASON,
+    RELEASED_SMS_REASON,
+    PhoneReleased,
+    number_came_since_rows,
+    number_opted_out,
+)
 from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import (
@@ -382,7 +388,7 @@ class SmsJobs:
             # The worker cancelled the previous attempt, or was lost while running it (its lease lapsed), most
             # likely waiting for AT's answer, or it failed to write AT's answer: AT may have the message.
             cause = ("previous attempt's outcome not written" if _NOT_RECORDED in (job.last_error or "")
-                     else "previous attempt cut off mid-send")
+                     else CUT_OFF_CAUSE)
             await self._unconfirmed(job, message, cause, kept)
             return True
         return False
@@ -456,38 +462,55 @@ class SmsJobs:
         return await self._confirm(message_id, SmsStatus.SENT, values)
 
     async def _confirm(self, message_id: str, target: SmsStatus, values: dict[str, Any]) -> bool:
-        """This run sent the message (AT answered: accepted, `target` SENT, or refused it, REJECTED) after the run
-        that took its job over had recorded it Unconfirmed (SENT, no id: it found the row this run stored QUEUED, its
-        job lost by this run, and could not tell whether this run had sent it, so it sent nothing). One copy went,
-        this run's: the row is made to say so, with AT's id (the delivery reports for it then find the row, and
-        parked ones are applied) or its refusal, and audited (sms.confirmed, or the move to REJECTED). Only a row
-        still so (SENT, Unconfirmed, no id): one a delivery report or another answer reached first is left. Whether
-        it was; the rare path (a run stalled past its lease between storing its row and its request), so a short
-        transaction of two statements, on any database."""
+        """This run sent the message (AT answered: accepted, `target` SENT, or refused it, REJECTED; or its answer was
+        lost, `target` SENT with `values` Unconfirmed) and the row had moved on from QUEUED meanwhile, without it:
+        - the run that took its job over recorded it Unconfirmed (SENT, no id: it found the row this run stored
+          QUEUED, its job lost by this run, and could not tell whether this run had sent it, so it sent nothing);
+        - a person's action wrote "not sent" on it while this run's request was out (_HELD_BACK: her erasure, the
+          release of her number, an admin's discard of its parked job), which read it QUEUED and could not know.
+        One copy went, this run's: the row is made to say so, with AT's id (the delivery reports for it then find the
+        row, and parked ones are applied) or its refusal, and audited (sms.confirmed; sms.sent for an answer lost, the
+        move to REJECTED). An erased row keeps its number and text cleared (only the send's columns are written); the
+        discarded job stays discarded. A refusal leaves a held-back row as it is (it says "not sent", true), and an
+        Unconfirmed answer an Unconfirmed row. Only a row still so: one a delivery report or another answer reached
+        first is left. Whether it was; the rare path, so a short transaction of three statements, on any database."""
         values = {k: _fit(k, v) for k, v in values.items() if v is not None}
         changes = {**values, "updated_at": utcnow()}
+        lost = values.get("provider_status") == SENT_UNCONFIRMED and not values.get("provider_message_id")
+        taken_over = and_(_SMS.c.status == SmsStatus.SENT.value, _SMS.c.provider_status == SENT_UNCONFIRMED,
+                          _SMS.c.provider_message_id.is_(None))
         if target is SmsStatus.SENT:
-            changes["failure_reason"] = None
+            changes["status"] = target.value
+            if not lost:
+                changes["failure_reason"] = None
+            moved_on = _HELD_BACK if lost else or_(taken_over, _HELD_BACK)
         else:  # refused: it never went, so no sent time (the taker's Unconfirmed stamped one), as any refused
             changes.update(status=target.value, sent_at=None)
+            moved_on = taken_over
         async with self.rt.sessionmaker.begin() as session:
-            row = (await session.execute(
+            before = (await session.execute(
+                select(_SMS.c.status, _SMS.c.provider_status, _SMS.c.failure_reason)
+                .where(_SMS.c.id == message_id, moved_on).with_for_update())).first()
+            row = None if before is None else (await session.execute(
                 update(SmsMessage)
-                .where(_SMS.c.id == message_id, _SMS.c.status == SmsStatus.SENT.value,
-                       _SMS.c.provider_status == SENT_UNCONFIRMED, _SMS.c.provider_message_id.is_(None))
+                .where(_SMS.c.id == message_id, moved_on)
                 .values(changes)
                 .returning(_SMS.c.cooperative_id, _SMS.c.template, _SMS.c.member_id))).first()
-            if row is None:
+            if before is None or row is None:
                 return False
+            action = "sent" if lost else "confirmed" if target is SmsStatus.SENT else target.value.lower()
+            was: dict[str, Any] = {"status": before.status, "provider_status": before.provider_status}
+            if before.status != SmsStatus.SENT.value:
+                was["failure_reason"] = before.failure_reason  # what the person's action wrote: "not sent: ..."
             await audit_record(
                 session, actor=WORKER, entity_type=SMS.name, entity_id=message_id, cooperative_id=row.cooperative_id,
-                action=f"{SMS.name}.{'confirmed' if target is SmsStatus.SENT else target.value.lower()}",
-                before={"status": SmsStatus.SENT.value, "provider_status": SENT_UNCONFIRMED},
-                after={"status": target.value, **values, "template": row.template, "member_id": row.member_id})
-        log.warning("SMS recorded Unconfirmed by the run that took its job over was sent by this run (stalled past "
-                    "its lease): recorded as it went", extra={"sms_id": message_id, "status": target.value,
-                                                              "provider_message_id": values.get("provider_message_id")})
-        if target is not SmsStatus.SENT:
+                action=f"{SMS.name}.{action}", before=was,
+                after={**values, "status": target.value, "template": row.template, "member_id": row.member_id})
+        log.warning("SMS recorded by another run or a person's action (Unconfirmed, or not sent) while this run sent "
+                    "it (stalled past its lease, or its request out): recorded as it went",
+                    extra={"sms_id": message_id, "status": target.value, "was": before.status,
+                           "provider_message_id": values.get("provider_message_id")})
+        if target is not SmsStatus.SENT or before.status != SmsStatus.SENT.value:
             metrics.SMS.labels(status=target.value).inc()
         return True
 
@@ -528,9 +551,11 @@ class SmsJobs:
             if not result.accepted and not result.permanent:
                 raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
         except SmsUnconfirmedError as exc:
-            await self._unconfirmed(job, message, exc.cause, kept)
+            await self._unconfirmed(job, message, exc.cause, kept, sent=True)
             return None
         except SmsTemporaryError as exc:
+            if isinstance(exc, SmsNotSentError) and await self._reopen(job, message.id, kept, str(exc)):
+                return None
             if job.attempts >= job.max_attempts:
                 # The outbox parks the job after this attempt. The message did not leave: it stays QUEUED,
                 # so replaying the job once the cause is fixed sends it; the row says why it waits.
@@ -669,12 +694,14 @@ class SmsJobs:
             # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
             log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
-    async def _unconfirmed(self, job: Job, message: Any, cause: str, kept: str) -> None:
+    async def _unconfirmed(self, job: Job, message: Any, cause: str, kept: str, *, sent: bool = False) -> None:
         """AT may have queued the message, and sending it again could give the member a second copy: it is
         recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
         job ends. An operator can check it against AT's dashboard; no delivery report can update it.
         The cause is kept first (`kept`: a later run, the row lost or not, records it so and never sends); should
-        the write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept again."""
+        the write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept again. `sent`: this run's
+        own request (its answer lost): a row a person's action marked "not sent" while it was out is recorded so too
+        (_confirm), since it may have gone."""
         job.mark_call_started()
         log.warning(
             "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
@@ -682,17 +709,65 @@ class SmsJobs:
         )
         metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.unconfirmed").inc()
         await self._remember(message.id, kept, Answer(cause=cause))
+        values: dict[str, Any] = {"provider_status": SENT_UNCONFIRMED,
+                                  "failure_reason": f"unconfirmed, not resent: {cause}", "sent_at": utcnow()}
         try:
-            await self._move(
-                message.id,
-                SmsStatus.SENT,
-                finish=job,
-                provider_status=SENT_UNCONFIRMED,
-                failure_reason=f"unconfirmed, not resent: {cause}",
-                sent_at=utcnow(),
-            )
+            if not await self._move(message.id, SmsStatus.SENT, finish=job, **values) and sent:
+                await self._confirm(message.id, SmsStatus.SENT, values)
         except Exception as exc:
             raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
+
+    async def _reopen(self, job: Job, message_id: str, kept: str, error: str) -> bool:
+        """This run's request never connected (SmsNotSentError: nothing went, for sure) after the run that took its
+        job over (this run stalled past its lease: a long pause) recorded the message Unconfirmed without sending it
+        (_TAKEN_OVER: it could not tell whether this run had sent it) and ended the job. No run sent it then: the
+        message is handed back to be sent, once: the row QUEUED again, the job PENDING and due now (REOPENED, a plain
+        retry), and the Unconfirmed answer the taker kept (`kept`) deleted, before the commit, so the retry sends it
+        rather than recording that answer again. Only a row still so, by a job still DONE, to a number still the
+        row's (not erased; a member's still hers: an erasure or release after the taker's record is seen, and one under
+        way waited for, as _insert_held does): otherwise nothing changes and the row stays Unconfirmed. A 5xx is no
+        such proof (AT's front end may refuse after its API took the message): it stays Unconfirmed. Whether it was
+        handed back; one statement that changes nothing on a plain connection failure (the row QUEUED)."""
+        members, now = Member.__table__, utcnow()
+        holds = (select(members.c.id)
+                 .where(members.c.id == _SMS.c.member_id, members.c.phone_index == _SMS.c.phone_index)
+                 .with_for_update(read=True, key_share=True))
+        try:
+            async with self.rt.sessionmaker.begin() as session:
+                row = (await session.execute(
+                    update(SmsMessage)
+                    .where(_SMS.c.id == message_id, _SMS.c.status == SmsStatus.SENT.value,
+                           _SMS.c.provider_status == SENT_UNCONFIRMED, _SMS.c.provider_message_id.is_(None),
+                           _SMS.c.failure_reason == _TAKEN_OVER, _SMS.c.phone_enc != "",
+                           or_(_SMS.c.member_id.is_(None), holds.exists()))
+                    .values(status=SmsStatus.QUEUED.value, provider_status=None, failure_reason=None, sent_at=None,
+                            updated_at=now)
+                    .returning(_SMS.c.cooperative_id, _SMS.c.template, _SMS.c.member_id))).first()
+                if row is None:
+                    return False
+                again = await session.execute(
+                    update(OutboxJob).where(OutboxJob.id == job.id, OutboxJob.status == "DONE")
+                    .values(status="PENDING", run_at=now, locked_by=None, done_at=None, last_error=REOPENED,
+                            after_failure=False, updated_at=now))
+                if not again.rowcount:  # type: ignore[attr-defined]
+                    raise _Undo
+                await audit_record(
+                    session, actor=WORKER, entity_type=SMS.name, entity_id=message_id,
+                    cooperative_id=row.cooperative_id, action=f"{SMS.name}.reopened",
+                    before={"status": SmsStatus.SENT.value, "provider_status": SENT_UNCONFIRMED},
+                    after={"status": SmsStatus.QUEUED.value, "reason": error[:200], "template": row.template,
+                           "member_id": row.member_id})
+                await self.rt.hot_redis.delete(kept)  # fails: rolled back, the row stays Unconfirmed
+        except _Undo:
+            return False
+        except Exception:  # Redis or the database failing: nothing handed back, the row stays Unconfirmed
+            log.warning("SMS not sent by a stalled run not handed back: it stays Unconfirmed", exc_info=True,
+                        extra={"sms_id": message_id, "job_id": job.id})
+            return False
+        log.warning("SMS recorded Unconfirmed by the run that took its job over never reached Africa's Talking (this "
+                    "run, stalled past its lease, could not connect): handed back to be sent",
+                    extra={"sms_id": message_id, "job_id": job.id, "error": error[:300]})
+        return True
 
     async def _note_parked(self, message_id: str, reason: str) -> None:
         """Say on the still-QUEUED row why its job is being parked (not a state change: no transition)."""
@@ -731,6 +806,18 @@ class SmsJobs:
 
 
 _NOT_RECORDED = SmsOutcomeNotRecorded.__name__
+# The cause a run writes on a message it records Unconfirmed, without sending, because the attempt before it was cut
+# off or lost with its worker (SmsJobs._settled_before): a run that sends nothing. (Its failure_reason, _TAKEN_OVER.)
+CUT_OFF_CAUSE = "previous attempt cut off mid-send"
+_TAKEN_OVER = f"unconfirmed, not resent: {CUT_OFF_CAUSE}"
+# The last word on a job handed back by a stalled run whose request never connected (SmsJobs._reopen). Neither
+# INTERRUPTED nor CALL_SENT: its next run is a plain retry, and sends.
+REOPENED = "sent again: the run that took this job over recorded it Unconfirmed, but the run it took over never " \
+           "reached Africa's Talking"
+
+
+class _Undo(Exception):
+    """Roll back SmsJobs._reopen's transaction: its row moved back, its job no longer there to send it."""
 
 
 def _parse_time(value: str | None) -> datetime:
@@ -763,6 +850,15 @@ _COLUMNS = (_SMS.c.id, _SMS.c.status, _SMS.c.body, _SMS.c.phone_enc, _SMS.c.phon
 # Built once; only the columns the send needs, not the whole ORM row.
 _BY_KEY = select(*_COLUMNS).where(_SMS.c.idempotency_key == bindparam("k"))
 _BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
+# What a person's action writes on a message still QUEUED that it stops: FAILED "not sent: ..." by her erasure or the
+# release of her number (core.members._hold_back_queued), "discarded by an admin: ..." by the discard of its parked job
+# (fail_for_discard). Each reads the row QUEUED and cannot know that a run's request for it is out (read before the
+# send, its answer not back yet: a run stalled past its lease, or one slow to answer): that run's answer then says
+# what went (SmsJobs._confirm). The worker's own "not sent" (a reminder paid since) is written by the run holding the
+# job, never beside a send.
+_HELD_BACK = and_(_SMS.c.status == SmsStatus.FAILED.value, _SMS.c.provider_message_id.is_(None),
+                  or_(_SMS.c.failure_reason.in_((ERASED_SMS_REASON, RELEASED_SMS_REASON)),
+                      _SMS.c.failure_reason.startswith(DISCARDED_BY, autoescape=True)))
 _NOTE_PARKED = (
     update(SmsMessage)
     .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.QUEUED.value)

@@ -81,6 +81,12 @@ class SmsTemporaryError(Exception):
     429). Sending it again is safe; retry later."""
 
 
+class SmsNotSentError(SmsTemporaryError):
+    """No connection to AT was made, or the request was not all written (_NOT_SENT): AT cannot have the message, for
+    sure, where a refusing answer (a 5xx) may come from a front end after the API took it. What lets a run whose job
+    was taken over meanwhile hand the message back to be sent (channels.sms.jobs: SmsJobs._reopen)."""
+
+
 class SmsAccountError(SmsTemporaryError):
     """AT refused the message for a reason of our account (credit, sender id, risk hold, credentials), not
     of the number: safe to send again, but only worth it once someone fixes the account, so the outbox
@@ -151,7 +157,7 @@ class AfricasTalkingSender:
         except _NOT_SENT as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
             call_failed(NAME, started, error="UNREACHABLE", summary=f"sms.send: cannot connect ({type(exc).__name__})")
-            raise SmsTemporaryError(
+            raise SmsNotSentError(
                 f"network error talking to Africa's Talking: {type(exc).__name__}"
             ) from exc
         except httpx.HTTPError as exc:
