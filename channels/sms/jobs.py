@@ -47,7 +47,7 @@ from channels.sms.routes import (
     give_back_reply,
     parked_key,
 )
-from channels.sms.sender import SmsNotSentError, SmsTemporaryError, SmsUnconfirmedError
+from channels.sms.sender import SmsAccountError, SmsNotSentError, SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
     TEMPLATES,
@@ -267,9 +267,11 @@ class SmsJobs:
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
         async with _waits_for_redis(job), autocommit(rt.engine) as conn:
             existing = await _first(conn, _BY_KEY, {"k": key})
-            if existing is not None and existing.status != SmsStatus.QUEUED.value:
-                return  # sent (or refused) already: a duplicate job or a re-run after a crash
             lock, kept = message_keys(key)
+            if existing is not None and existing.status != SmsStatus.QUEUED.value:
+                if existing.status == SmsStatus.FAILED.value:  # a person's "not sent" beside a send: _held_back_sent
+                    await self._held_back_sent(job, existing.id, kept)
+                return  # sent (or refused) already: a duplicate job or a re-run after a crash
             if existing is None:
                 job.call_started.clear()  # never stored, so never sent: this is a first send
             elif await self._settled_before(job, existing, kept, doubt):
@@ -392,6 +394,29 @@ class SmsJobs:
             await self._unconfirmed(job, message, cause, kept)
             return True
         return False
+
+    async def _held_back_sent(self, job: Job, message_id: str, kept: str) -> None:
+        """For a message found FAILED: whether an earlier run's request for it went out, its answer kept (AT accepted
+        it, or may have it) but not written, while a person's action wrote "not sent" on it (_HELD_BACK: her
+        erasure, the release of her number), which read it QUEUED: the run whose answer came back could not write it
+        (the database away under the write: _keep), or the action committed after that answer was kept and before
+        this retry. The kept answer is then recorded on the row (_confirm: SENT with AT's id, its parked delivery
+        reports applied; or Unconfirmed), as that run would have; nothing is sent. One Redis read, for a run that
+        finds its row FAILED only (the job of a text held back, run once more)."""
+        found = Answer.load(await self.rt.hot_redis.get(kept))
+        if found is None:
+            return
+        job.mark_call_started()
+        if found.cause is not None:
+            await self._confirm(message_id, SmsStatus.SENT, {
+                "provider_status": SENT_UNCONFIRMED, "failure_reason": f"unconfirmed, not resent: {found.cause}",
+                "sent_at": utcnow()})
+            return
+        moved = await self._confirm(message_id, SmsStatus.SENT, {
+            "provider_message_id": found.provider_message_id, "provider_status": found.provider_status,
+            "cost": found.cost, "sent_at": _parse_time(found.sent_at)})
+        if moved and found.provider_message_id:
+            await self._apply_parked(message_id, found.provider_message_id, moved)
 
     async def _sent_before_restore(self, conn: AsyncConnection, job: Job, payload: dict[str, Any], key: str,
                                    kept: str) -> bool:
@@ -554,7 +579,10 @@ class SmsJobs:
             await self._unconfirmed(job, message, exc.cause, kept, sent=True)
             return None
         except SmsTemporaryError as exc:
-            if isinstance(exc, SmsNotSentError) and await self._reopen(job, message.id, kept, str(exc)):
+            # Nothing went, for sure: no connection made, or AT's API refusing it for our account (its own answer, or a
+            # request never made), on which every send sends again. A 5xx, a 408, a 429 is no such proof.
+            if isinstance(exc, SmsNotSentError | SmsAccountError) and await self._reopen(
+                    job, message.id, kept, str(exc)):
                 return None
             if job.attempts >= job.max_attempts:
                 # The outbox parks the job after this attempt. The message did not leave: it stays QUEUED,
@@ -718,16 +746,18 @@ class SmsJobs:
             raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
 
     async def _reopen(self, job: Job, message_id: str, kept: str, error: str) -> bool:
-        """This run's request never connected (SmsNotSentError: nothing went, for sure) after the run that took its
-        job over (this run stalled past its lease: a long pause) recorded the message Unconfirmed without sending it
-        (_TAKEN_OVER: it could not tell whether this run had sent it) and ended the job. No run sent it then: the
-        message is handed back to be sent, once: the row QUEUED again, the job PENDING and due now (REOPENED, a plain
-        retry), and the Unconfirmed answer the taker kept (`kept`) deleted, before the commit, so the retry sends it
-        rather than recording that answer again. Only a row still so, by a job still DONE, to a number still the
-        row's (not erased; a member's still hers: an erasure or release after the taker's record is seen, and one under
-        way waited for, as _insert_held does): otherwise nothing changes and the row stays Unconfirmed. A 5xx is no
-        such proof (AT's front end may refuse after its API took the message): it stays Unconfirmed. Whether it was
-        handed back; one statement that changes nothing on a plain connection failure (the row QUEUED)."""
+        """This run's request never connected (SmsNotSentError), or AT's API refused it for our account
+        (SmsAccountError: an empty balance, a risk hold, the sender id or credentials; or the request could not be
+        made): nothing went, for sure, after the run that took its job over (this run stalled past its lease: a long
+        pause) recorded the message Unconfirmed without sending it (_TAKEN_OVER: it could not tell whether this run
+        had sent it) and ended the job. No run sent it then: the message is handed back to be sent, once: the row
+        QUEUED again, the job PENDING and due now (REOPENED, a plain retry), and the Unconfirmed answer the taker kept
+        (`kept`) deleted, before the commit, so the retry sends it rather than recording that answer again. Only a
+        row still so, by a job still DONE, to a number still the row's (not erased; a member's still hers: an erasure
+        or release after the taker's record is seen, and one under way waited for, as _insert_held does): otherwise
+        nothing changes and the row stays Unconfirmed. A 5xx (or a 408, a 429) is no such proof (AT's front end may
+        refuse after its API took the message): it stays Unconfirmed. Whether it was handed back; one statement that
+        changes nothing on a plain connection failure or an account refusal (the row QUEUED)."""
         members, now = Member.__table__, utcnow()
         holds = (select(members.c.id)
                  .where(members.c.id == _SMS.c.member_id, members.c.phone_index == _SMS.c.phone_index)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from channels.sms.jobs import SmsJobs
 from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender
 from core.audit import Actor
 from core.config import Secret
+from core.db import utcnow
 from core.members import erase_member, release_phone
 from core.models import AuditEvent, Member, OutboxJob
 from core.state.sms import SENT_UNCONFIRMED
@@ -207,7 +209,8 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any, *, unreachable: bool
+async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any, *, unreachable: bool,
+                                failure: str = "http500", before_wake: Any = None
                                 ) -> tuple[asyncio.Task[None], OutboxJob]:
     """Run A stores her receipt and stalls before its request, past its lease; run B records it Unconfirmed without
     sending; then A wakes up and sends, to no listening port (`unreachable`: no connection made) or to the simulator
@@ -226,11 +229,13 @@ async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any
 
     monkeypatch.setattr(rt.sms, "send", send)
     if not unreachable:
-        sim.set_failure("http500", number=ALINE, times=1)
+        sim.set_failure(failure, number=ALINE, times=1)
     run_a, job = await stalled_run(rt, stalled)
     await worker.run_job((await worker.claim())[0])  # B: recorded Unconfirmed, not sent
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", SENT_UNCONFIRMED, None)
+    if before_wake is not None:
+        await before_wake()
     go.set()
     await run_a
     async with rt.sessionmaker() as session:
@@ -256,6 +261,29 @@ async def test_a_stalled_run_that_cannot_connect_after_its_job_was_taken_over_ha
     assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DONE"]
     assert await _actions(rt, row.id) in (["sms.sent", "sms.reopened", "sms.sent"],
                                           ["sms.sent", "sms.reopened", "sms.sent", "sms.delivered"])
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+
+
+@pytest.mark.parametrize("refusal", ["InsufficientBalance", "RiskHold"])
+async def test_a_stalled_run_whose_account_is_refused_after_its_job_was_taken_over_has_it_sent_once(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any, refusal: str
+) -> None:
+    """A's request is answered by Africa's Talking's API itself refusing it for our account (an empty balance, a risk
+    hold: its answer's recipient status): it did not take the message, for sure, as the send path has it everywhere
+    else (SmsAccountError: "safe to send again", sent again once the account is fixed). So, as for no connection, the
+    message is handed back and sent once. Before, it stayed Unconfirmed and the job DONE: every other text went out
+    once the balance was topped up, hers never did."""
+    await queue_receipt(rt, demo)
+    _, job = await _taken_over_then_sent(rt, sim, worker, monkeypatch, unreachable=False, failure=refusal)
+    row = await the_row(rt)
+    assert (row.status, row.provider_status, row.failure_reason) == ("QUEUED", None, None)
+    assert (job.status, job.locked_by) == ("PENDING", None) and job.last_error.startswith("sent again: ")
+    assert sim.messages(ALINE) == []
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) in {("SENT", went["id"]), ("DELIVERED", went["id"])}
     await drain(worker)
     assert len(sim.messages(ALINE)) == 1
 
@@ -302,4 +330,65 @@ async def test_a_stalled_run_that_cannot_connect_after_her_erasure_sends_nothing
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.phone_enc) == ("SENT", SENT_UNCONFIRMED, "")
     assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DONE"]
+    assert sim.requests == [] and sim.messages(ALINE) == []
+
+
+async def _due_now(rt: Any) -> None:
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send", OutboxJob.status == "PENDING")
+                              .values(run_at=utcnow() - timedelta(seconds=1)))
+
+
+@pytest.mark.parametrize("action", ["erasure", "release"])
+async def test_a_send_out_when_her_erasure_or_release_commits_whose_outcome_write_fails_is_recorded_by_the_next_run(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any, action: str
+) -> None:
+    """As the first test, but writing Africa's Talking's answer fails (the database went away under the write): the
+    answer is kept in Redis and the attempt fails as interrupted, for the next one to record it. That next run finds
+    the row her erasure (or the release) wrote "not sent", FAILED: it records the kept answer on it (SENT with its id),
+    sends nothing, and the job ends. Before, it found the row FAILED and ended the job: the row said "not sent"
+    (Skipped: never handed to Africa's Talking) though she had the text, and its delivery report found no row."""
+    await queue_receipt(rt, demo)
+    out, go = _hold_the_answer(rt, monkeypatch)
+    real_confirm = SmsJobs._confirm
+
+    async def db_away(self: Any, *args: Any) -> bool:
+        monkeypatch.setattr(SmsJobs, "_confirm", real_confirm)  # once
+        raise ConnectionResetError("database went away")
+
+    monkeypatch.setattr(SmsJobs, "_confirm", db_away)
+    [job] = await worker.claim()
+    run = asyncio.create_task(worker.run_job(job))
+    await asyncio.wait_for(out.wait(), 30)
+    await (_erase if action == "erasure" else _release)(rt, demo)
+    go.set()
+    await run
+    [went] = sim.messages(ALINE)
+    [pending] = await jobs_of(rt, "sms.send")
+    assert pending.status == "PENDING" and "AT accepted it" in pending.last_error
+    await _due_now(rt)
+    await drain(worker)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id, row.provider_status, row.failure_reason) == (
+        "SENT", went["id"], "Success", None)
+    if action == "erasure":
+        assert (row.phone_enc, row.body) == ("", "")
+    assert await _actions(rt, row.id) == ["sms.failed", "sms.confirmed"]
+    assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DONE"]
+    assert len(sim.messages(ALINE)) == 1 and len(sim.requests) == 1
+
+
+async def test_a_stalled_run_that_cannot_connect_after_her_number_was_released_sends_nothing(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
+) -> None:
+    """The release of her number commits after B's Unconfirmed and before A's failed connection: the row keeps the
+    number (a release clears no row but those still QUEUED), which may be its next holder's by now, so it is not handed
+    back (a receipt's retry does not ask whether the number is still hers): it stays Unconfirmed, nothing is sent."""
+    await queue_receipt(rt, demo)
+    _, job = await _taken_over_then_sent(rt, sim, worker, monkeypatch, unreachable=True,
+                                         before_wake=lambda: _release(rt, demo))
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", SENT_UNCONFIRMED) and row.phone_enc != ""
+    assert job.status == "DONE"
+    await drain(worker)
     assert sim.requests == [] and sim.messages(ALINE) == []
