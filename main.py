@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import USSD_AGGREGATORS, ConfigError, Settings, load_settings
+from core.config import USSD_AGGREGATORS, ConfigError, Settings, load_settings, local_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -521,17 +521,14 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any], settings: Settings)
 
 
 def _dial_url(settings: Settings) -> str:
-    """Where the banner's `dial` calls this process: on this machine (dial refuses another without --allow-remote),
-    also when PUBLIC_BASE_URL is a tunnel's public address."""
-    import httpx
+    """Where the banner's `dial` calls this process: the address it listens on (HOST, PORT), not PUBLIC_BASE_URL,
+    which may be a tunnel's public address or another loopback one (HOST=127.0.0.2 under PUBLIC_BASE_URL
+    http://127.0.0.1:8080: nothing listened there). --allow-remote with it when dial cannot tell it is this
+    machine's (an interface's address, a name): dial refuses it otherwise."""
+    from channels.ussd.dial import ALLOW_REMOTE, is_this_machine
 
-    from channels.ussd.dial import ALLOW_REMOTE, is_loopback
-
-    if is_loopback(httpx.URL(settings.public_base_url).host):
-        return settings.public_base_url
-    if settings.host in ("0.0.0.0", "::", "") or is_loopback(settings.host):  # noqa: S104 (a listen address read)
-        return f"http://127.0.0.1:{settings.port}" if ":" not in settings.host else f"http://[::1]:{settings.port}"
-    return f"{settings.public_base_url} {ALLOW_REMOTE}"
+    url = local_url(settings.host, settings.port)
+    return url if is_this_machine(settings.host) else f"{url} {ALLOW_REMOTE}"
 
 
 def _banner(settings: Settings, demo: dict) -> str:
@@ -682,24 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("code", help="USSD code, e.g. '*384*123#'")
     d.add_argument("phone", help="caller's phone number, e.g. +250788000001 (through hubtel or nalo a Ghanaian one "
                                  "only, 0244123456 too)")
-    d.add_argument("--url", default=None, help="base URL of a running gateway (default http://127.0.0.1:$PORT, "
-                                               "as `run` serves it: 8080 when PORT is unset)")
+    d.add_argument("--url", default=None, help="base URL of a running gateway (default http://$HOST:$PORT, where "
+                                               "`run` listens: http://127.0.0.1:8080 when they are unset)")
     d.add_argument("--secret", default=None, type=_dial_secret, help="callback secret, if the gateway requires one "
                                                                      "(its CALLBACK_SECRET_<AGGREGATOR>)")
     d.add_argument("--aggregator", default="africastalking", choices=USSD_AGGREGATORS,
                    help="whose callbacks to send (default africastalking)")
     d.add_argument("--allow-remote", action="store_true",
-                   help="dial a gateway on another machine (--url not localhost, 127.0.0.1 or ::1): it is sent the "
-                        "callback secret and the caller's number")
+                   help="dial a gateway on another machine (--url not localhost, 127.0.0.0/8, ::1, 0.0.0.0 or ::): "
+                        "it is sent the callback secret and the caller's number")
     # The caller's number is read once the aggregator is known (its country's local form): _dial_phone.
     d.set_defaults(dial_parser=d)
     return parser
-
-
-def _local_url() -> str:
-    """The gateway `run` (or `serve`) serves here by default: on PORT (scripts/run.sh's `PORT=8090`), else 8080.
-    A PORT that is no port is left to the dial's URL error."""
-    return f"http://127.0.0.1:{os.environ.get('PORT', '').strip() or 8080}"
 
 
 def _at_least(lowest: int) -> Callable[[str], int]:
@@ -785,10 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         # africastalking --port 9004 --delay 2` ran without the delay, saying nothing.
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "dial":
-        from channels.ussd.dial import run
+        from channels.ussd.dial import default_url, run
 
         phone = _dial_phone(args)
-        return run(args.code, phone, args.url or _local_url(), args.secret, aggregator=args.aggregator,
+        return run(args.code, phone, args.url or default_url(), args.secret, aggregator=args.aggregator,
                    allow_remote=args.allow_remote)
     if args.command == "simulate":
         from core import logs

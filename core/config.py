@@ -301,6 +301,17 @@ def _key(name: str, raw: str) -> bytes:
     return key
 
 
+def local_url(host: str, port: int | str) -> str:
+    """The http:// URL of a service listening on `host`:`port`, as one calls it from this machine: an unspecified
+    address (0.0.0.0, ::, every interface) at the loopback address of its family (asyncio listens on `::` for IPv6
+    only), an IPv6 one in brackets. `port` as given (dial leaves a PORT that is no number to its URL error)."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 (a listen address read, not bound)
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     """A base URL paths are appended to: a scheme, a host (`https:pay.example.rw`, one slash short, has none),
     a valid port if any, and no query or fragment (a path appended after one would be lost in it)."""
@@ -828,7 +839,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if any(c.isspace() or c in "/@" for c in host):  # a URL or two addresses: it is an address or a name
         raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or 0.0.0.0, "
                                   f"not {host!r}")
-    public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
+    # Unset, where this process listens: HOST=127.0.0.2 (or an interface's address) made the default
+    # http://127.0.0.1:PORT, where nothing listened, and the in-process simulators' calls, their callbacks and `run`'s
+    # banner all went there.
+    public_base_url = _url(env, "PUBLIC_BASE_URL", local_url(host, port), ("http", "https"))
     if "mpesa" in used:
         _daraja_accepts("PUBLIC_BASE_URL", public_base_url)
     def base_url(name: str, simulator: str) -> str:

@@ -352,17 +352,19 @@ def test_dial_refuses_another_machine_unless_allowed():
         for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--secret", "k",
                              **env),
                        _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "k", **env)):
-            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-            assert result.stdout == (
+            # On standard error: the screens alone are standard output's (`dial ... | tee`).
+            assert result.returncode == 2 and result.stdout == "", result.stdout
+            assert result.stderr == (
                 "[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this machine (localhost, "
-                "127.0.0.1, ::1), and dial sends the aggregator's callback secret and a member's number: "
-                "--allow-remote to dial a gateway elsewhere]\n")
+                "127.0.0.0/8, ::1, 0.0.0.0, ::), and dial sends the aggregator's callback secret and a member's "
+                "number: --allow-remote to dial a gateway elsewhere]\n")
         assert sent == []
         # Allowed, it goes as the environment says (the proxy here), for each entry point.
         for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--allow-remote",
                              **env),
                        _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "--allow-remote", **env)):
             assert result.returncode == 0 and result.stdout.splitlines()[1] == "proxied", result.stderr
+            assert result.stderr == ""
         assert len(sent) == 2
 
 
@@ -429,7 +431,8 @@ def test_the_dial_modules_reader_gone_is_sigpipes_exit_too():
         code, err, sent = _reader_gone(args, reply)
         assert code == 128 + signal.SIGPIPE and err == "", (args, code, err)
         assert len(sent) == 1
-    # A URL refused: nothing sent, and still no "Exception ignored".
+    # A URL refused: nothing sent, and no "Exception ignored". Said on standard error, which is still there: it was
+    # written to the pipe nobody read, and `dial ... | head` ended with 141 and nothing said.
     env = {k: v for k, v in _base_env().items() if k != "PYTHONUNBUFFERED"}
     read_end, write_end = os.pipe()
     os.close(read_end)
@@ -439,7 +442,10 @@ def test_the_dial_modules_reader_gone_is_sigpipes_exit_too():
                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
     finally:
         os.close(write_end)
-    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this "
+                                    "machine "), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_dial_whose_reader_left_at_the_last_screen_does_not_release_an_ended_session():
@@ -474,8 +480,8 @@ def test_dial_reads_a_local_number_in_the_aggregators_country():
     # Through Hubtel or Nalo (Ghana's) 024 412 3456 is a Ghanaian number, sent as Nalo sends it; through Africa's
     # Talking (the default) it is read as the default region's, which has no such number.
     result = _main("dial", "*384*123*233#", "024 412 3456", "--aggregator", "nalo", "--url", "http://127.0.0.1:1")
-    assert result.returncode == 1, result.stderr
-    assert result.stdout.startswith("[network error calling http://127.0.0.1:1/ussd/nalo: "), result.stdout
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("[network error calling http://127.0.0.1:1/ussd/nalo: "), result.stderr
     result = _main("dial", "*384*123*233#", "024 412 3456", "--url", "http://127.0.0.1:1")
     assert result.returncode == 2 and result.stdout == "", result.stderr
     assert result.stderr.splitlines()[-1].startswith(
@@ -701,23 +707,60 @@ def test_the_readme_lists_every_command():
 
 def test_dial_calls_the_port_the_gateway_was_started_on():
     # `PORT=8090 bash scripts/run.sh` serves on 8090; `dial` without --url called 8080 all the same.
-    result = _main("dial", "*384*123#", "+250788000001", PORT="1")
-    assert result.returncode == 1, result.stderr
-    assert "[network error calling http://127.0.0.1:1/ussd/africastalking" in result.stdout, result.stdout
+    result = _main("dial", "*384*123#", "+250788000001", PORT="1", HOST="")
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("[network error calling http://127.0.0.1:1/ussd/africastalking: "), result.stderr
+
+
+def test_dial_calls_the_address_and_port_the_gateway_listens_on():
+    # HOST=127.0.0.2 (another loopback address) and PORT: `dial` without a URL called 127.0.0.1, where nothing
+    # listened, and `python -m channels.ussd.dial` called 127.0.0.1:8080 whatever PORT said.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    reached: list[tuple[str, str]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            reached.append((self.headers["Host"], self.path))
+            body = b"END Bye"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.2", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    env = {"HOST": "127.0.0.2", "PORT": str(port)}
+    try:
+        results = [_main("dial", "*384*123#", "+250788000001", **env),
+                   _dial_module("*384*123#", "+250788000001", **env)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    for result in results:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert result.stdout.splitlines()[1] == "Bye", result.stdout
+    assert reached == [(f"127.0.0.2:{port}", "/ussd/africastalking")] * 2
 
 
 def test_dial_to_a_url_it_cannot_call_says_so_in_one_line():
     # A PORT or --url whose port is no number (httpx's InvalidURL is no HTTPError) or past 65535 (an OverflowError
-    # in the connection) was a traceback, exit 1; `_local_url` meant it for the dial's own URL error.
+    # in the connection) was a traceback, exit 1; `default_url` leaves it to the dial's own URL error.
     for env, args, says in (({"PORT": "abc"}, (),
                              "[cannot call http://127.0.0.1:abc/ussd/africastalking: Invalid port"),
                             ({}, ("--url", "http://127.0.0.1:99999"),
                              "[cannot call http://127.0.0.1:99999/ussd/africastalking: invalid port 99999"),
                             ({}, ("--url", "127.0.0.1:8080"), "[cannot call 127.0.0.1:8080/ussd/africastalking: ")):
         result = _main("dial", "*384*123#", "+250788000001", *args, **env)
-        assert result.returncode == 2, (env, args, result.stderr)
-        assert "Traceback" not in result.stderr, result.stderr
-        assert result.stdout.startswith(says), result.stdout
+        assert result.returncode == 2 and result.stdout == "", (env, args, result.stdout)
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(says), result.stderr
 
 
 def test_a_webhook_private_network_mistake_is_a_configuration_error():

@@ -9,17 +9,19 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 import threading
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
 
 from channels.ussd import africastalking, hubtel, nalo
+from core.config import local_url
 from core.phone import DEFAULT_REGION, PhoneError, network_code_of, normalize, operator_of
 
 AGGREGATORS = (africastalking.NAME, hubtel.NAME, nalo.NAME)
@@ -164,6 +166,14 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+def _to_stderr(line: str) -> None:
+    """One of dial's own errors, on standard error: the screens alone go to standard output, so that `dial ... |
+    tee session.txt` keeps the session and a refused URL is still seen on the terminal. Dropped when started without
+    a standard error (`2>&-`): print(file=None) would have written it to standard output."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _read_line(prompt: str) -> str | None:
     """A line from stdin, None at its end. Read from the descriptor a byte at a time, not through input(): this runs
     in a daemon thread (_ask), and one left blocked in sys.stdin's buffered reader when Ctrl-C ends the process
@@ -192,11 +202,14 @@ def _read_line(prompt: str) -> str | None:
 async def dial(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
                aggregator: str = africastalking.NAME,
                allow_remote: bool = False, read: Callable[[str], str | None] = _read_line,
-               write: Callable[[str], None] = print, transport: httpx.AsyncBaseTransport | None = None) -> int:
-    """Dial `service_code` as `phone` through `aggregator`'s endpoint, print each screen, read each answer from stdin
-    until the service ends the session. `base_url` must be this machine's unless `allow_remote`.
+               write: Callable[[str], None] = print, write_error: Callable[[str], None] = _to_stderr,
+               transport: httpx.AsyncBaseTransport | None = None) -> int:
+    """Dial `service_code` as `phone` through `aggregator`'s endpoint, print each screen (`write`), read each answer
+    from stdin until the service ends the session. `base_url` must be this machine's unless `allow_remote`.
 
-    Returns a process exit code: 0 when the service ended the session, 1 otherwise, 2 for a URL it cannot call.
+    Returns a process exit code: 0 when the service ended the session, 1 otherwise, 2 for a URL it cannot call;
+    what went wrong is one line to `write_error` (standard error). A hang-up's "[cancelled]" is the session's last
+    line, written with the screens.
     Raises DialError for a caller it cannot dial as (caller()).
     """
     number = caller(phone, aggregator)
@@ -204,7 +217,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     url = base_url.rstrip("/") + f"/ussd/{aggregator}"
     problem = _url_problem(url, allow_remote=allow_remote)
     if problem:
-        write(f"[cannot call {url}: {problem}]")
+        write_error(f"[cannot call {url}: {problem}]")
         return 2
     params = {"secret": secret} if secret else None
     answer: str | None = None
@@ -214,7 +227,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     # as the environment says.
     # A transport of its own is what keeps the environment's proxies off (httpx reads them only for its default
     # one): trust_env=False also dropped SSL_CERT_FILE and SSL_CERT_DIR, the CA of a TLS terminator on this machine.
-    if transport is None and is_loopback(httpx.URL(url).host):
+    if transport is None and is_this_machine(httpx.URL(url).host):
         transport = httpx.AsyncHTTPTransport()
     async with httpx.AsyncClient(timeout=TIMEOUT, transport=transport) as http:
 
@@ -233,14 +246,14 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                 try:
                     resp = await http.post(url, params=params, **handset.hop(answer))
                 except httpx.HTTPError as exc:
-                    write(f"[network error calling {url}: {_network_problem(exc)}]")
+                    write_error(f"[network error calling {url}: {_network_problem(exc)}]")
                     return 1
                 screen = handset.screen(resp) if resp.status_code == 200 else None
                 if screen is None:
                     # One line: a proxy's HTML error page ran over several, its \r shown as escapes.
                     body = " ".join(resp.text[:200].split())
                     hint = _refused_hint(resp.status_code, secret, aggregator) or _not_found_hint(resp.status_code)
-                    write(f"[HTTP {resp.status_code}] {_shown(body)}{hint}")
+                    write_error(f"[HTTP {resp.status_code}] {_shown(body)}{hint}")
                     return 1
                 text, end = screen
                 ended = end
@@ -351,17 +364,39 @@ def _not_found_hint(status: int) -> str:
     return " (no USSD endpoint at this URL: --url is the gateway's base URL, e.g. http://127.0.0.1:8080)"
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` is this machine by its name or address alone (localhost, 127.0.0.0/8, ::1), without
-    resolving it: a name that resolves to 127.0.0.1 today may not tomorrow."""
+def is_this_machine(host: str) -> bool:
+    """Whether `host` is this machine by its name or address alone, without resolving a name (one that resolves to
+    127.0.0.1 today may not tomorrow): `localhost`, a loopback address (127.0.0.0/8, ::1) or an unspecified one
+    (0.0.0.0, ::), which a connection on Linux takes to this machine. An address is read as the connection reads it
+    (127.1 and 2130706433 are 127.0.0.1), never looked up."""
     if host.lower().rstrip(".") == "localhost":
         return True
+    addresses = _addresses(host)
+    return bool(addresses) and all(address.is_loopback or address.is_unspecified for address in addresses)
+
+
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses `host` is when it is one (none for a name): the C library's own reading (AI_NUMERICHOST: no
+    lookup), which the connection's getaddrinfo makes of it. ipaddress alone refused the shorthand forms it reads
+    (127.1, 0x7f.1, a single number); an IPv4-mapped IPv6 address (::ffff:127.0.0.1) is taken as its IPv4 one,
+    which Python 3.11 does not call loopback."""
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, which Python 3.11 does not call loopback
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+        found = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # socket.gaierror (an OSError): no address; UnicodeError: a name too long
+        return []
+    addresses = []
+    for *_, sockaddr in found:
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        addresses.append(mapped or address)
+    return addresses
+
+
+def default_url(env: Mapping[str, str] | None = None) -> str:
+    """The gateway `run` (or `serve`) serves here by default: where HOST and PORT make it listen (scripts/run.sh's
+    `PORT=8090`), 127.0.0.1:8080 unless set. A PORT that is no port is left to the dial's URL error."""
+    env = os.environ if env is None else env
+    return local_url(env.get("HOST", "").strip() or "127.0.0.1", env.get("PORT", "").strip() or "8080")
 
 
 def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
@@ -377,9 +412,9 @@ def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
         return "give a URL such as http://127.0.0.1:8080"
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         return f"invalid port {parsed.port} (a number from 1 to 65535)"
-    if not allow_remote and not is_loopback(parsed.host):
-        return (f"{parsed.host} is not this machine (localhost, 127.0.0.1, ::1), and dial sends the aggregator's "
-                f"callback secret and a member's number: {ALLOW_REMOTE} to dial a gateway elsewhere")
+    if not allow_remote and not is_this_machine(parsed.host):
+        return (f"{parsed.host} is not this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0, ::), and dial sends the "
+                f"aggregator's callback secret and a member's number: {ALLOW_REMOTE} to dial a gateway elsewhere")
     return None
 
 
@@ -431,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         print(f"dial: error: argument phone: {exc}", file=sys.stderr)
         return 2
-    base = args[2] if len(args) > 2 else "http://127.0.0.1:8080"
+    base = args[2] if len(args) > 2 else default_url()
     return run(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None, aggregator=aggregator,
                allow_remote=allow_remote)
 

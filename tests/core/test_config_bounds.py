@@ -48,6 +48,19 @@ def test_host_is_one_address_or_name() -> None:
                                         f"0.0.0.0, not {bad!r}")
 
 
+@pytest.mark.parametrize(("host", "url"), [
+    (None, "http://127.0.0.1:8090"), ("0.0.0.0", "http://127.0.0.1:8090"), ("::", "http://[::1]:8090"),
+    ("127.0.0.2", "http://127.0.0.2:8090"), ("::1", "http://[::1]:8090"), ("10.0.0.5", "http://10.0.0.5:8090"),
+    ("gateway-1.internal", "http://gateway-1.internal:8090")])
+def test_public_base_url_is_where_the_service_listens_unless_set(host: str | None, url: str) -> None:
+    """HOST=127.0.0.2 (or an interface's address) left PUBLIC_BASE_URL at http://127.0.0.1:PORT, where nothing
+    listened: the in-process simulators' calls, their callbacks and `run`'s banner went there. Every interface
+    (0.0.0.0, ::) is called on its family's loopback address."""
+    env = {"PORT": "8090"} if host is None else {"HOST": host, "PORT": "8090"}
+    assert load_settings(env).public_base_url == url
+    assert load_settings({**env, "PUBLIC_BASE_URL": "https://pay.example.rw"}).public_base_url == "https://pay.example.rw"
+
+
 @pytest.mark.parametrize("variable", ["JWT_SECRET", "BLIND_INDEX_KEY"])
 def test_production_takes_a_32_byte_secret_and_refuses_31(variable: str) -> None:
     assert load_settings({**_production_env(), variable: "s" * 32})

@@ -40,18 +40,19 @@ async def test_dial_reports_a_refused_secret(rt: Any, aiohttp_client: Any, setti
     settings = settings_factory(CALLBACK_SECRET_AFRICASTALKING="k")
     secured = await aiohttp_client(create_app(settings, runtime=rt))
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial("*384*123#", "+250788000002", str(secured.server.make_url("")), secret="wrong",
-                      read=lambda _prompt: None, write=printed.append)
-    assert code == 1 and printed[-1].startswith("[HTTP 403]")
+                      read=lambda _prompt: None, write=printed.append, write_error=errors.append)
+    assert code == 1 and printed == [] and len(errors) == 1 and errors[0].startswith("[HTTP 403]")
     # The gateway's bare "forbidden" told the operator nothing: the line now says what to change.
-    assert "--secret is not the gateway's CALLBACK_SECRET_AFRICASTALKING" in printed[-1]
-    printed.clear()
+    assert "--secret is not the gateway's CALLBACK_SECRET_AFRICASTALKING" in errors[0]
+    errors.clear()
     code = await dial("*384*123#", "+250788000002", str(secured.server.make_url("")),
-                      read=lambda _prompt: None, write=printed.append)
-    assert code == 1
-    assert printed[-1] == ("[HTTP 403] forbidden (the gateway wants its callback secret: --secret with its "
-                           "CALLBACK_SECRET_AFRICASTALKING; or this address is outside its "
-                           "USSD_IP_ALLOWLIST_AFRICASTALKING or, without one, its USSD_IP_ALLOWLIST)")
+                      read=lambda _prompt: None, write=printed.append, write_error=errors.append)
+    assert code == 1 and printed == []
+    assert errors == ["[HTTP 403] forbidden (the gateway wants its callback secret: --secret with its "
+                      "CALLBACK_SECRET_AFRICASTALKING; or this address is outside its "
+                      "USSD_IP_ALLOWLIST_AFRICASTALKING or, without one, its USSD_IP_ALLOWLIST)"]
 
 
 # --- Through Hubtel and Nalo (`dial --aggregator`): each one's own callbacks, as a Ghanaian cooperative's members
@@ -131,16 +132,17 @@ async def test_dial_reports_a_refused_secret_of_each_aggregator(rt: Any, aiohttp
     settings = settings_factory(**{f"CALLBACK_SECRET_{name}": "k"})
     secured = await aiohttp_client(create_app(settings, runtime=rt))
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "0244123456", str(secured.server.make_url("")), secret="wrong", aggregator=aggregator,
-                      read=lambda _prompt: None, write=printed.append)
-    assert code == 1
-    assert printed == [f"[HTTP 403] forbidden (--secret is not the gateway's CALLBACK_SECRET_{name}, nor in its "
+                      read=lambda _prompt: None, write=printed.append, write_error=errors.append)
+    assert code == 1 and printed == []
+    assert errors == [f"[HTTP 403] forbidden (--secret is not the gateway's CALLBACK_SECRET_{name}, nor in its "
                        f"CALLBACK_SECRET_{name}_PREVIOUS; or this address is outside its USSD_IP_ALLOWLIST_{name} "
                        "or, without one, its USSD_IP_ALLOWLIST)"]
-    printed.clear()
+    errors.clear()
     code = await dial(GH_CODE, "0244123456", str(secured.server.make_url("")), secret="k", aggregator=aggregator,
-                      read=lambda _prompt: None, write=printed.append)
-    assert code == 1 and printed[1].startswith("Welcome to ")  # the right one opens the menu
+                      read=lambda _prompt: None, write=printed.append, write_error=errors.append)
+    assert code == 1 and printed[1].startswith("Welcome to ") and errors == []  # the right one opens the menu
 
 
 @pytest.mark.parametrize("aggregator", ["africastalking", "hubtel", "nalo"])
@@ -149,11 +151,12 @@ async def test_dial_says_when_the_service_is_down(aggregator: str) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "0244123456" if aggregator != "africastalking" else "+233244123456",
                       f"http://127.0.0.1:{port}", aggregator=aggregator, read=lambda _prompt: None,
-                      write=printed.append)
-    assert code == 1
-    [line] = printed
+                      write=printed.append, write_error=errors.append)
+    assert code == 1 and printed == []
+    [line] = errors
     assert line.startswith(f"[network error calling http://127.0.0.1:{port}/ussd/{aggregator}: ConnectError"), line
     # "All connection attempts failed" did not say that nothing listens there.
     assert line.endswith(" (is the gateway running there? `main.py run` or `serve`; --url its address)]"), line
@@ -223,10 +226,11 @@ async def test_nalo_requests_are_nalos() -> None:
 async def test_a_reply_that_is_not_the_aggregators_ends_the_dial(aggregator: str, reply: dict[str, Any]) -> None:
     endpoint = Scripted(f"/ussd/{aggregator}", [reply])
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
                       read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
-                      transport=endpoint.transport())
-    assert code == 1 and printed == [f"[HTTP 200] {json.dumps(reply, separators=(',', ':'))}"]
+                      write_error=errors.append, transport=endpoint.transport())
+    assert code == 1 and printed == [] and errors == [f"[HTTP 200] {json.dumps(reply, separators=(',', ':'))}"]
 
 
 @pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
@@ -234,10 +238,12 @@ async def test_a_reply_too_deeply_nested_to_read_ends_the_dial_in_one_line(aggre
     # json.loads raises RecursionError (no ValueError) on a body nested past the interpreter's depth: a traceback.
     body = b"[" * 100_000 + b"]" * 100_000
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
                       read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
+                      write_error=errors.append,
                       transport=httpx.MockTransport(lambda _request: httpx.Response(200, content=body)))
-    assert code == 1 and printed == [f"[HTTP 200] {body[:200].decode()}"]
+    assert code == 1 and printed == [] and errors == [f"[HTTP 200] {body[:200].decode()}"]
 
 
 @pytest.mark.parametrize(("aggregator", "reply"), [
@@ -247,10 +253,12 @@ async def test_a_reply_in_the_aggregators_form_but_not_200_is_no_screen(aggregat
                                                                       reply: dict[str, Any]) -> None:
     # A proxy's or a failing gateway's 5xx is no END, whatever its body looks like: not shown, not exit 0.
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "0244123456", "http://127.0.0.1:9", aggregator=aggregator,
                       read=lambda _prompt: pytest.fail("no screen was shown"), write=printed.append,
+                      write_error=errors.append,
                       transport=httpx.MockTransport(lambda _request: httpx.Response(503, json=reply)))
-    assert code == 1 and printed == [f"[HTTP 503] {json.dumps(reply, separators=(',', ':'))}"]
+    assert code == 1 and printed == [] and errors == [f"[HTTP 503] {json.dumps(reply, separators=(',', ':'))}"]
 
 
 @pytest.mark.parametrize(("aggregator", "key"), [("africastalking", "sessionId"), ("hubtel", "SessionId"),
@@ -291,14 +299,33 @@ async def test_a_gateways_control_characters_are_printed_as_escapes(aggregator: 
         return httpx.Response(status, json=reply)
 
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial(GH_CODE, "+233244123456", "http://127.0.0.1:9", aggregator=aggregator,
-                      read=lambda _prompt: None, write=printed.append, transport=httpx.MockTransport(endpoint))
+                      read=lambda _prompt: None, write=printed.append, write_error=errors.append,
+                      transport=httpx.MockTransport(endpoint))
     shown = [line for line in printed if not line.startswith("-")]
     if status == 200:
-        assert code == 0 and shown == ["Paid\\x1b]0;owned\\x07\\x1b[2J"]
+        assert code == 0 and shown == ["Paid\\x1b]0;owned\\x07\\x1b[2J"] and errors == []
     else:
-        assert code == 1 and shown == ["[HTTP 500] oops\\x1b[2J"]
-    assert not any("\x1b" in line or "\x07" in line for line in printed)
+        assert code == 1 and shown == [] and errors == ["[HTTP 500] oops\\x1b[2J"]
+    assert not any("\x1b" in line or "\x07" in line for line in printed + errors)
+
+
+async def test_dials_screens_go_to_standard_output_and_its_errors_to_standard_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `dial ... | tee session.txt` kept the refusals and network errors among the screens, and `dial ... | head`
+    # hid them: the screens (and the prompt) alone are standard output's.
+    replies = iter([httpx.Response(200, text="CON Welcome\n1. Pay"), httpx.Response(502, text="Bad Gateway")])
+    code = await dial("*384*123#", "+250788000001", "http://127.0.0.1:9", read=lambda _prompt: "1",
+                      transport=httpx.MockTransport(lambda _request: next(replies)))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == f"{'-' * 30}\nWelcome\n1. Pay\n{'-' * 30}\n"
+    assert captured.err == "[HTTP 502] Bad Gateway\n"
+    code = await dial("*384*123#", "+250788000001", "http://192.0.2.1:9", read=lambda _prompt: None,
+                      transport=httpx.MockTransport(unexpected))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and captured.err.startswith("[cannot call http://192.0.2.1:9/"), captured
 
 
 # --- Whose number, which machine (`dial` checks both before it sends anything).
@@ -331,22 +358,30 @@ def test_each_aggregator_dials_the_numbers_it_carries(aggregator: str, phone: st
 
 
 @pytest.mark.parametrize("url", ["http://192.0.2.1:8080", "https://gateway.example", "http://10.0.0.5:8080",
-                                 "http://127.0.0.1.example:8080", "http://[2001:db8::1]:8080"])
+                                 "http://127.0.0.1.example:8080", "http://[2001:db8::1]:8080",
+                                 # Names are not looked up: whatever they resolve to now (a subdomain of localhost
+                                 # too), and written short or as one number, another machine's address still is.
+                                 "http://app.localhost:8080", "http://10.1:8080", "http://3221225985:8080",
+                                 "http://[::ffff:192.0.2.1]:8080"])
 async def test_dial_refuses_another_machine_without_allow_remote(url: str) -> None:
     # The callbacks carry the aggregator's secret and a member's number, and a gateway takes them as hers: only to
     # this machine unless the operator says otherwise. Refused before any request (the transport fails on one).
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial("*384*123#", "+250788000001", url, secret="k", read=lambda _prompt: None,
-                      write=printed.append, transport=httpx.MockTransport(unexpected))
+                      write=printed.append, write_error=errors.append, transport=httpx.MockTransport(unexpected))
     host = httpx.URL(url).host
-    assert code == 2 and printed == [
-        f"[cannot call {url}/ussd/africastalking: {host} is not this machine (localhost, 127.0.0.1, ::1), and dial "
-        "sends the aggregator's callback secret and a member's number: --allow-remote to dial a gateway elsewhere]"]
+    assert code == 2 and printed == [] and errors == [
+        f"[cannot call {url}/ussd/africastalking: {host} is not this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0, "
+        "::), and dial sends the aggregator's callback secret and a member's number: --allow-remote to dial a "
+        "gateway elsewhere]"]
 
 
 @pytest.mark.parametrize(("url", "allow_remote"), [
     ("http://127.0.0.1:9", False), ("http://localhost:9", False), ("http://LOCALHOST.:9", False),
     ("http://[::1]:9", False), ("http://127.0.0.2:9", False), ("http://[::ffff:127.0.0.1]:9", False),
+    # 127.1 is 127.0.0.1 as the connection reads it; 0.0.0.0 and :: as a destination are this machine (Linux).
+    ("http://127.1:9", False), ("http://2130706433:9", False), ("http://0.0.0.0:9", False), ("http://[::]:9", False),
     ("http://192.0.2.1:8080", True)])
 async def test_dial_calls_this_machine_and_another_one_allowed(url: str, allow_remote: bool) -> None:
     called: list[str] = []
@@ -358,6 +393,35 @@ async def test_dial_calls_this_machine_and_another_one_allowed(url: str, allow_r
     code = await dial("*384*123#", "+250788000001", url, allow_remote=allow_remote, read=lambda _prompt: None,
                       write=lambda _line: None, transport=httpx.MockTransport(endpoint))
     assert code == 0 and called == [f"{url.lower()}/ussd/africastalking"]
+
+
+@pytest.mark.parametrize("host", ["127.1", "0.0.0.0", "2130706433", "0x7f.1"])
+async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # 127.1 is 127.0.0.1 and 0.0.0.0 as a destination connects to this machine (Linux): both were refused as "not
+    # this machine". Called directly, past the environment's proxy (a port nothing listens on), as 127.0.0.1 is.
+    reached: list[bytes] = []
+
+    async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(await reader.readline())
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nEND Bye")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endpoint, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for variable in ("HTTP_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    printed: list[str] = []
+    errors: list[str] = []
+    async with server:
+        code = await dial("*384*123#", "+250788000001", f"http://{host}:{port}", read=lambda _prompt: None,
+                          write=printed.append, write_error=errors.append)
+    assert code == 0 and printed[1] == "Bye" and errors == [], (printed, errors)
+    assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
 
 
 async def test_dial_calls_this_machine_past_the_environments_proxy(client: Any, demo: Any,
@@ -396,9 +460,11 @@ async def test_a_network_failure_is_said_in_one_line(exc: httpx.HTTPError, says:
         raise exc
 
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial("*384*123#", "+250788000001", "http://127.0.0.1:9", read=lambda _prompt: None,
-                      write=printed.append, transport=httpx.MockTransport(endpoint))
-    assert code == 1 and printed == [f"[network error calling http://127.0.0.1:9/ussd/africastalking: {says}]"]
+                      write=printed.append, write_error=errors.append, transport=httpx.MockTransport(endpoint))
+    assert code == 1 and printed == []
+    assert errors == [f"[network error calling http://127.0.0.1:9/ussd/africastalking: {says}]"]
 
 
 @pytest.mark.parametrize(("status", "body", "line"), [
@@ -413,10 +479,11 @@ async def test_a_refusal_is_said_in_one_line(status: int, body: str, line: str) 
     # A proxy's HTML error page was printed over seven lines, its \r as escapes; a 404 (--url with a path) said
     # nothing of what to change.
     printed: list[str] = []
+    errors: list[str] = []
     code = await dial("*384*123#", "+250788000001", "http://127.0.0.1:9", read=lambda _prompt: None,
-                      write=printed.append,
+                      write=printed.append, write_error=errors.append,
                       transport=httpx.MockTransport(lambda _request: httpx.Response(status, text=body)))
-    assert code == 1 and printed == [line]
+    assert code == 1 and printed == [] and errors == [line]
 
 
 def test_an_unreadable_stdin_is_a_hang_up(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -436,14 +503,22 @@ def test_an_unreadable_stdin_is_a_hang_up(monkeypatch: pytest.MonkeyPatch, capsy
 
 
 @pytest.mark.parametrize(("env", "url"), [
-    ({"PUBLIC_BASE_URL": "http://localhost:8090", "PORT": "8090"}, "http://localhost:8090"),
+    ({"PUBLIC_BASE_URL": "http://localhost:8090", "PORT": "8090"}, "http://127.0.0.1:8090"),
     ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "0.0.0.0", "PORT": "8090"}, "http://127.0.0.1:8090"),
     ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "::", "PORT": "8090"}, "http://[::1]:8090"),
+    ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "::1", "PORT": "8090"}, "http://[::1]:8090"),
+    # Another loopback address: nothing listens on 127.0.0.1 (nor on PUBLIC_BASE_URL's, when it names that).
+    ({"HOST": "127.0.0.2", "PORT": "8090"}, "http://127.0.0.2:8090"),
+    ({"PUBLIC_BASE_URL": "http://127.0.0.1:8090", "HOST": "127.0.0.2", "PORT": "8090"}, "http://127.0.0.2:8090"),
+    ({"HOST": "localhost", "PORT": "8090"}, "http://localhost:8090"),
+    # An interface's address or a name dial cannot tell is this machine's without resolving it: where it listens.
     ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "10.0.0.5", "PORT": "8090"},
-     "https://pay.example.org --allow-remote")])
+     "http://10.0.0.5:8090 --allow-remote"),
+    ({"HOST": "gateway-1.internal", "PORT": "8090"}, "http://gateway-1.internal:8090 --allow-remote")])
 def test_runs_banner_dials_this_process(settings_factory: Any, env: dict[str, str], url: str) -> None:
     # `run` printed `dial ... --url PUBLIC_BASE_URL`: a tunnel's public address, which dial refuses without
-    # --allow-remote. The banner's command dials the port it listens on, on this machine when it can.
+    # --allow-remote, or http://127.0.0.1:PORT while it listened on HOST=127.0.0.2. The banner's command dials the
+    # address and port it listens on.
     from main import _banner
 
     banner = _banner(settings_factory(**env), {"admin": ("admin", "pw")})
@@ -463,11 +538,12 @@ async def test_a_tls_failure_is_not_said_to_be_a_gateway_down() -> None:
     server = await asyncio.start_server(_plain_http, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     printed: list[str] = []
+    errors: list[str] = []
     async with server:
         code = await dial("*384*123#", "+250788000001", f"https://127.0.0.1:{port}", read=lambda _prompt: None,
-                          write=printed.append)
-    assert code == 1
-    [line] = printed
+                          write=printed.append, write_error=errors.append)
+    assert code == 1 and printed == []
+    [line] = errors
     assert "is the gateway running there?" not in line, line
     assert line.endswith(" (TLS failed: a gateway serving plain HTTP, as `run` and `serve` do, is called with "
                          "http://)]"), line
