@@ -821,3 +821,36 @@ def test_dial_interrupted_at_the_prompt_hangs_up_at_once():
     assert out.rstrip().endswith("[cancelled]"), out
     assert [(hop["Type"], hop["Sequence"], hop["ClientState"]) for hop in hops] == [
         ("Initiation", 1, ""), ("Release", 2, "s1")]
+
+
+def test_dial_whose_error_reader_is_gone_is_no_hang_up():
+    # `dial ... 2>` a pipe nobody reads: its own error line raised BrokenPipeError, which dial took for the screens'
+    # reader gone: "[cancelled]" on standard output (still read), Hubtel's session released by a second request,
+    # exit 141 whatever happened (a refused URL too). Nobody to tell: the exit code alone says it (not 120, the
+    # interpreter's failed flush of the line at exit, stderr buffered as a terminal user's: no PYTHONUNBUFFERED).
+    env = {k: v for k, v in _base_env().items() if k != "PYTHONUNBUFFERED"}
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=write_end, text=True, timeout=120, check=False)
+        finally:
+            os.close(write_end)
+
+    for entry in (["-m", "channels.ussd.dial", "*384*123*233#", "0244123456"],
+                  ["main.py", "dial", "*384*123*233#", "0244123456", "--url"]):
+        aggregator = ["hubtel"] if entry[0] == "-m" else ["--aggregator", "hubtel"]
+        secret = [""] if entry[0] == "-m" else []
+        # A reply not in Hubtel's form: "[HTTP 200] ..." on the closed stderr, exit 1, one request, no Release.
+        with _endpoint("END Bye") as (url, sent):
+            result = run([*entry, url, *secret, *aggregator])
+        assert (result.returncode, result.stdout) == (1, ""), (entry, result)
+        assert len(sent) == 1, sent
+        # Nothing listening: exit 1, nothing on standard output.
+        result = run([*entry, "http://127.0.0.1:1", *secret, *aggregator])
+        assert (result.returncode, result.stdout) == (1, ""), (entry, result)
+        # A URL refused: exit 2, nothing sent.
+        result = run([*entry, "http://192.0.2.1:9", *secret, *aggregator])
+        assert (result.returncode, result.stdout) == (2, ""), (entry, result)

@@ -169,9 +169,18 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
 def _to_stderr(line: str) -> None:
     """One of dial's own errors, on standard error: the screens alone go to standard output, so that `dial ... |
     tee session.txt` keeps the session and a refused URL is still seen on the terminal. Dropped when started without
-    a standard error (`2>&-`): print(file=None) would have written it to standard output."""
-    if sys.stderr is not None:
+    a standard error (`2>&-`): print(file=None) would have written it to standard output. Dropped too when what
+    reads standard error is gone (`2>` a closed pipe): its BrokenPipeError was taken for the screens' reader gone
+    ("[cancelled]" on standard output, Hubtel's session released, exit 141); the exit code still says it."""
+    if sys.stderr is None:
+        return
+    try:
         print(line, file=sys.stderr, flush=True)
+    except OSError:
+        # The line left in stderr's buffer would fail again at the interpreter's exit (exit 120): nothing more
+        # written there.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _read_line(prompt: str) -> str | None:
