@@ -842,9 +842,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # Unset, where this process listens: HOST=127.0.0.2 (or an interface's address) made the default
     # http://127.0.0.1:PORT, where nothing listened, and the in-process simulators' calls, their callbacks and `run`'s
     # banner all went there.
-    public_base_url = _url(env, "PUBLIC_BASE_URL", local_url(host, port), ("http", "https"))
-    if "mpesa" in used:
-        _daraja_accepts("PUBLIC_BASE_URL", public_base_url)
+    if _get(env, "PUBLIC_BASE_URL", ""):
+        public_base_url = _url(env, "PUBLIC_BASE_URL", "", ("http", "https"))
+        if "mpesa" in used:
+            _daraja_accepts("PUBLIC_BASE_URL", public_base_url)
+    else:
+        # Derived from HOST: its mistakes are HOST's (HOST=[::1] or localhost:8090 was "PUBLIC_BASE_URL: is not a
+        # URL", a variable nobody set), a word Daraja refuses is said to come from HOST.
+        try:
+            public_base_url = _url({}, "PUBLIC_BASE_URL", local_url(host, port), ("http",))
+        except ConfigError:
+            raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or "
+                                      f"0.0.0.0, not {host!r}") from None
+        if "mpesa" in used and (word := DARAJA_REFUSED_IN_URLS.search(public_base_url)):
+            raise ConfigError("PUBLIC_BASE_URL", f"unset, it is {public_base_url} (HOST and PORT), which holds "
+                                                 f"{word.group()!r} while M-Pesa is in PROVIDERS (Daraja refuses "
+                                                 "callback URLs with 'mpesa' or 'safaricom' in them): set "
+                                                 "PUBLIC_BASE_URL to the address M-Pesa is to call back on")
     def base_url(name: str, simulator: str) -> str:
         # The default is the in-process simulator, which production never mounts: every call would fail.
         if production and not env.get(name, "").strip():

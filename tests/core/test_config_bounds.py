@@ -61,6 +61,29 @@ def test_public_base_url_is_where_the_service_listens_unless_set(host: str | Non
     assert load_settings({**env, "PUBLIC_BASE_URL": "https://pay.example.rw"}).public_base_url == "https://pay.example.rw"
 
 
+@pytest.mark.parametrize("host", ["[::1]", "localhost:8090", "gateway#1", "gateway?1"])
+def test_a_host_no_url_can_name_is_refused_as_host_not_as_the_unset_public_base_url(host: str) -> None:
+    """PUBLIC_BASE_URL unset is http://HOST:PORT: HOST=[::1] (the bracketed form of a URL) or localhost:8090 was
+    "configuration error: PUBLIC_BASE_URL: is not a URL", naming a variable nobody set (before, `serve` said it
+    cannot listen on HOST)."""
+    _refused({"HOST": host, "PORT": "8090"}, "HOST", "must be one address or host name to listen on, such as "
+                                                     f"127.0.0.1 or 0.0.0.0, not {host!r}")
+    # Set, it is PUBLIC_BASE_URL that callbacks use; HOST is left to the listener, as before.
+    assert load_settings({"HOST": host, "PUBLIC_BASE_URL": "https://pay.example.rw"}).host == host
+
+
+def test_a_host_daraja_refuses_says_public_base_url_is_unset() -> None:
+    """A HOST holding "mpesa" (M-Pesa in PROVIDERS, PUBLIC_BASE_URL unset): "PUBLIC_BASE_URL: must not contain
+    'mpesa'" did not say that it was unset nor where the word came from."""
+    _refused({"HOST": "mpesa-gw", "PORT": "8090", "PROVIDERS": "mpesa"}, "PUBLIC_BASE_URL",
+             "unset, it is http://mpesa-gw:8090 (HOST and PORT), which holds 'mpesa' while M-Pesa is in PROVIDERS "
+             "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in them): set PUBLIC_BASE_URL to the "
+             "address M-Pesa is to call back on")
+    _refused({"HOST": "127.0.0.1", "PUBLIC_BASE_URL": "http://mpesa.example", "PROVIDERS": "mpesa"},
+             "PUBLIC_BASE_URL", "must not contain 'mpesa' while M-Pesa is in PROVIDERS (Daraja refuses callback URLs "
+                                "with 'mpesa' or 'safaricom' in them, and it is in the URL)")
+
+
 @pytest.mark.parametrize("variable", ["JWT_SECRET", "BLIND_INDEX_KEY"])
 def test_production_takes_a_32_byte_secret_and_refuses_31(variable: str) -> None:
     assert load_settings({**_production_env(), variable: "s" * 32})
