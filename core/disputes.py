@@ -192,6 +192,15 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
                               answer_days=answer_days, note=note)
 
 
+async def open_dispute_of(session: AsyncSession, payment_id: str) -> Dispute | None:
+    """The payment's open dispute (OPEN or UNDER_REVIEW), None without one: what refuses another (_open_locked), and
+    what the USSD tells a member at once when she picks a payment to complain about (before the reasons)."""
+    return (await session.execute(
+        select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_VALUES))
+        .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
+    )).scalars().first()
+
+
 def _checked_reason(reason: DisputeReason | str, note: str | None) -> DisputeReason:
     """A dispute's reason and note as its request gave them, or a ValidationError naming the field."""
     try:
@@ -209,10 +218,7 @@ async def _open_locked(session: AsyncSession, *, payment: Payment, reason: Dispu
                        request_hash: str | None = None) -> Dispute:
     """open_dispute once the payment is locked (_lock_payment: open_keyed_dispute took it before looking its key up).
     `idempotency_key` and `request_hash`: kept on it, from open_keyed_dispute."""
-    already = (await session.execute(
-        select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_VALUES))
-        .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
-    )).scalars().first()
+    already = await open_dispute_of(session, payment.id)
     if already is not None:
         raise Conflict(f"dispute {already.reference} is already open for this payment", code=DISPUTE_ALREADY_OPEN)
     dispute = Dispute(

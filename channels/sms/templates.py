@@ -70,7 +70,7 @@ def render(template: str, language: str, values: dict[str, Any]) -> str:
         raise TemplateError(f"template {template!r} needs {sorted(missing)}")
     if values.get("txn") == NO_TXN:
         # No transaction id the payer can find (payer_transaction_id): where a catalog puts it in brackets after the
-        # reference (fr, rw, sw: "Réf: PAY_… (8419567321)"), the brackets go too, not "(-)"; a labelled one
+        # reference (fr, rw, sw: "Réf : PAY_… (8419567321)"), the brackets go too, not "(-)"; a labelled one
         # ("Txn: -") says it has none.
         text = text.replace(" ({txn})", "")
     if is_gsm(text):

@@ -1297,10 +1297,24 @@ async def payment_chosen(ctx: Ctx, payment_id: str) -> str:
     if found is None:
         raise Invalid("error.invalid_choice")
     if ctx.data.get("nx") != "my":
-        return "dsp_reason"
+        return await _dispute_reason_or_open(ctx, payment_id)
     # The SMS offered is the one send_receipt sends: a receipt once money was collected, else the payment's status
     # ("Send receipt by SMS" of a failed payment sent "... failed").
     return "my_detail" if found[0].status in COLLECTED else "my_detail_status"
+
+
+async def _dispute_reason_or_open(ctx: Ctx, payment_id: str) -> str:
+    """The reasons to choose from, or, when the payment picked already has an open dispute, that one's reference at
+    once: she was told it only after choosing a reason, for nothing. open_dispute still refuses a second one (a
+    dispute opened meanwhile: another session, the office's desk)."""
+    from core.disputes import open_dispute_of
+
+    async with ctx.rt.sessionmaker() as session:
+        already = await open_dispute_of(session, payment_id)
+        if already is None:
+            return "dsp_reason"
+        ctx.data["ref"] = already.reference
+    return "dsp_exists"
 
 
 async def detail_args(ctx: Ctx) -> dict[str, Any]:

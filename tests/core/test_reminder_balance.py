@@ -16,7 +16,7 @@ from tests.core.test_reminders_review3 import ALINE, _payment, _scan, _texts, se
 
 BALANCE_SAID = {"en": "Reminder: Monthly Rent (balance 20,000 RWF of 50,000 RWF) for ",
                 "rw": "Kwibutsa: kwishyura Monthly Rent (asigaye 20,000 RWF kuri 50,000 RWF) muri ",
-                "fr": "Rappel: Monthly Rent (reste 20 000 RWF sur 50 000 RWF) pour ",
+                "fr": "Rappel : Monthly Rent (reste 20 000 RWF sur 50 000 RWF) pour ",
                 "sw": "Kumbusho: malipo ya Monthly Rent (salio 20,000 RWF kati ya 50,000 RWF) kwa "}
 
 

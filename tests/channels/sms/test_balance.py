@@ -71,7 +71,7 @@ EXPECTED = {
           "Security 2,000 RWF. Dial *384*123*123# to pay.",
     ALINE: "Ibyo usigaje kwishyura (KHHC): Garbage 1,000 RWF, Monthly Rent 30,000 RWF, "
            "Security 2,000 RWF. Kanda *384*123*123# wishyure.",
-    CLAUDINE: "Reste à payer (KHHC): Garbage 1 000 RWF, Monthly Rent 30 000 RWF, "
+    CLAUDINE: "Reste à payer (KHHC) : Garbage 1 000 RWF, Monthly Rent 30 000 RWF, "
               "Security 2 000 RWF. Composez *384*123*123#.",
     ERIC: "Kiasi cha kulipa (KHHC): Garbage 1,000 RWF, Monthly Rent 30,000 RWF, "
           "Security 2,000 RWF. Piga *384*123*123# kulipa.",
@@ -101,7 +101,7 @@ OPEN = {
           "approval, +2 more. Dial *384*123*123# to pay.",
     ALINE: "Ibyo usigaje kwishyura (KHHC): Garbage 1,000 RWF dutegereje ko wemeza, Monthly Rent 30,000 RWF "
            "dutegereje ko wemeza, +2 ibindi. Kanda *384*123*123# wishyure.",
-    CLAUDINE: "Reste à payer (KHHC): Garbage 1 000 RWF en attente d'approbation, Monthly Rent 30 000 RWF en "
+    CLAUDINE: "Reste à payer (KHHC) : Garbage 1 000 RWF en attente d'approbation, Monthly Rent 30 000 RWF en "
               "attente d'approbation, +2 autre(s). Composez *384*123*123#.",
     ERIC: "Kiasi cha kulipa (KHHC): Garbage 1,000 RWF inasubiri uthibitisho wako, Monthly Rent 30,000 RWF inasubiri "
           "uthibitisho wako, +2 zaidi. Piga *384*123*123# kulipa.",
@@ -455,11 +455,11 @@ async def test_a_member_of_two_cooperatives_is_answered_in_the_language_of_the_o
     rt.settings = dataclasses.replace(rt.settings, sms_shortcode_keywords=("KHHC", "OTHER"))
     client = await aiohttp_client(create_app(rt.settings, runtime=rt))
     other = await ask(client, sim, worker, JEAN, "OTHER HELP", "lang-two-1")
-    assert other.startswith("Composez *384*123*77# pour payer. SMS: OTHER RECU <réf>"), other
+    assert other.startswith("Composez *384*123*77# pour payer. SMS : OTHER RECU <réf>"), other
     unknown = await ask(client, sim, worker, JEAN, "OTHER hello", "lang-two-2")
     assert unknown == "Message non compris. Envoyez OTHER AIDE ou composez *384*123*77#.", unknown
     balance = await ask(client, sim, worker, JEAN, "OTHER BAL", "lang-two-3")
-    assert balance == "Reste à payer (OTHER): Shares 7 000 RWF. Composez *384*123*77#.", balance
+    assert balance == "Reste à payer (OTHER) : Shares 7 000 RWF. Composez *384*123*77#.", balance
     khhc = await ask(client, sim, worker, JEAN, "KHHC HELP", "lang-two-4")
     assert khhc.startswith("Dial *384*123") and "*77#" not in khhc, khhc
     async with rt.sessionmaker() as s:

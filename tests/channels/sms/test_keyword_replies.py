@@ -330,7 +330,7 @@ async def test_a_french_reminder_and_refund_state_amounts_with_spaces(rt: Any, d
         _, language, body = await templates.build_message(session, rt.cipher, reminder)
         _, _, refund_body = await templates.build_message(session, rt.cipher, refunded)
     assert language == "fr"
-    assert body.startswith("Rappel: Monthly Rent (50 000 RWF) pour "), body
+    assert body.startswith("Rappel : Monthly Rent (50 000 RWF) pour "), body
     assert refund_body.startswith("Remboursement de 12 500 RWF effectué"), refund_body
 
 

@@ -18,7 +18,7 @@ from tests.channels.sms.test_keyword_replies import ALINE, CLAUDINE, ERIC, JEAN,
 PARTLY = {
     JEAN: ("RECEIPT", "We received 50,000 RWF for {type}. Refunded since: 12,500 RWF. Ref: {ref}. Txn: {txn}. "
                       "15/01/2026 23:30."),
-    CLAUDINE: ("RECU", "Payé: 50 000 RWF pour {type}. Remboursé depuis: 12 500 RWF. Réf: {ref} ({txn}). "
+    CLAUDINE: ("RECU", "Payé : 50 000 RWF pour {type}. Remboursé depuis : 12 500 RWF. Réf : {ref} ({txn}). "
                        "15/01/2026 23:30."),
     ALINE: ("INYEMEZABWISHYU", "Twakiriye 50,000 RWF ya {type}. Byasubijwe nyuma: 12,500 RWF. Nimero: {ref} ({txn}). "
                                "15/01/2026 23:30."),

@@ -47,7 +47,7 @@ async def _dispute(rt: Any, demo: dict[str, Any], phone: str, *, status: str = "
     (JEAN, "STATUS", "Refund {ref} of 12,500 RWF for payment {pay} (Kigali Heights Housing Cooperative): "
                      "completed."),
     (CLAUDINE, "STATUT", "Remboursement {ref} de 12 500 RWF pour le paiement {pay} (Kigali Heights Housing "
-                         "Cooperative): effectué."),
+                         "Cooperative) : effectué."),
     (ALINE, "IMIMERERE", "Gusubizwa 12,500 RWF yo kwishyura {pay} (Kigali Heights Housing Cooperative): "
                          "byarangiye. Nimero: {ref}."),
     (ERIC, "HALI", "Kurudisha 12,500 RWF ya malipo {pay} (Kigali Heights Housing Cooperative): imekamilika. "
@@ -68,7 +68,7 @@ async def test_status_of_her_own_refund_tells_its_status_in_her_language(
     (JEAN, "STATUS", "Dispute {ref} about payment {pay} of 50,000 RWF (Kigali Heights Housing Cooperative): "
                      "under review."),
     (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} (50 000 RWF, Kigali Heights Housing "
-                       "Cooperative): en cours d'examen."),
+                       "Cooperative) : en cours d'examen."),
     (ALINE, "IMIMERERE", "Ikirego {ref} ku kwishyura {pay} (50,000 RWF, Kigali Heights Housing Cooperative): "
                          "kiri gusuzumwa."),
     (ERIC, "HALI", "Malalamiko {ref} kuhusu malipo {pay} (50,000 RWF, Kigali Heights Housing Cooperative): "
@@ -90,7 +90,7 @@ LONG_NAME = "Kigali Heights Housing Cooperative of Nyarutarama, Kacyiru and Kimi
 
 @pytest.mark.parametrize(("phone", "keyword", "expected"), [
     (JEAN, "STATUS", "Dispute {ref} about payment {pay} of 50,000 RWF (KHHC): under review."),
-    (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} (50 000 RWF, KHHC): en cours d'examen."),
+    (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} (50 000 RWF, KHHC) : en cours d'examen."),
 ])
 async def test_a_status_reply_too_long_with_the_cooperatives_name_names_its_short_code(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, keyword: str, expected: str,

@@ -251,8 +251,8 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
 
 TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
     "en": ("We received 40,000 RWF of 50,000 RWF for ", "We received 60,000 RWF (50,000 RWF due) for "),
-    "fr": ("Payé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
-           "Payé: 60 000 RWF et non 50 000 RWF pour "),
+    "fr": ("Payé : 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
+           "Payé : 60 000 RWF et non 50 000 RWF pour "),
     "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
     "sw": ("Tumepokea 40,000 RWF kati ya 50,000 RWF kwa ", "Tumepokea 60,000 RWF (ombi 50,000 RWF) kwa "),
 }
@@ -407,7 +407,7 @@ async def test_build_member_approved_in_member_language_with_dial(rt: Any, demo:
             await templates.build_message(session, rt.cipher, no_member)
 
 
-ANY_AMOUNT_SHOWN = {"en": "Reminder: Savings (any amount) for ", "fr": "Rappel: Savings (montant libre) pour ",
+ANY_AMOUNT_SHOWN = {"en": "Reminder: Savings (any amount) for ", "fr": "Rappel : Savings (montant libre) pour ",
                     "rw": "(amafaranga ushaka)", "sw": "(kiasi chochote)"}
 
 
