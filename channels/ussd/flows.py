@@ -1471,7 +1471,12 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     mine = {key: ctx.state.data[key] for key in funnel.OWN_KEYS if key in ctx.state.data}
     ctx.state.stack, ctx.state.data = saved.stack, {**saved.data, **mine}
     ctx.state.data["rs"] = 1  # counted as a resumed session
-    return await _resumed_reservation(ctx, saved.screen)
+    screen = await _resumed_reservation(ctx, saved.screen)
+    if screen == "dsp_reason" and ctx.data.get("py"):
+        # Left at the reasons: a complaint opened about that payment since (the office's desk, another session) is
+        # said at once, as picking the payment says it, not after she chose a reason for nothing.
+        return await _dispute_reason_or_open(ctx, str(ctx.data["py"]))
+    return screen
 
 
 _HELD = select(Member.id).where(Member.id.in_(bindparam("ids", expanding=True)),

@@ -124,3 +124,32 @@ async def test_two_sessions_at_the_reasons_open_one_complaint(client: Any, demo:
     dispute = await db.one(Dispute)
     assert await two.send("2") == f"END A complaint is already open for this payment: {dispute.reference}."
     assert await db.count(Dispute) == 1
+
+
+async def test_a_resumed_session_at_the_reasons_says_the_complaint_opened_since_at_once(client: Any, demo: Any,
+                                                                                      db: Any, rt: Any) -> None:
+    """Her session was lost at the reasons (she had picked the payment); the office opened a complaint about that
+    payment meanwhile (she called it). Dialling again and continuing where she left off, she is told at once that it
+    is open, as picking the payment tells her, not shown the reasons to choose one for nothing."""
+    from core.audit import Actor
+    from core.disputes import open_dispute
+
+    await _pay(client, EN_MTN)
+    payment = await db.one(Payment)
+    lost = AtPhone(client, EN_MTN)
+    await lost.dial()
+    pick = await lost.send("3")
+    assert (await lost.send(option(pick, payment.reference))).startswith("CON What went wrong?")
+    # No complaint yet: continuing shows the reasons, as before (and this session is lost there too).
+    resumed = AtPhone(client, EN_MTN)
+    assert (await resumed.dial()).startswith("CON You did not finish your last session.")
+    assert (await resumed.send("1")).startswith("CON What went wrong?")
+    async with rt.sessionmaker.begin() as s:  # the office's desk, while her session was gone
+        row = await s.get(Payment, payment.id)
+        dispute = await open_dispute(s, payment=row, reason="WRONG_AMOUNT", channel="api",
+                                     actor=Actor("admin:desk", "api"), cipher=rt.cipher, answer_days=30)
+    again = AtPhone(client, EN_MTN)
+    assert (await again.dial()).startswith("CON You did not finish your last session.")
+    told = await again.send("1")  # Continue where you left off
+    assert told == f"END A complaint is already open for this payment: {dispute.reference}.", told
+    assert await db.count(Dispute) == 1
