@@ -494,12 +494,15 @@ async def _members_number(session: AsyncSession, rt: Runtime, new: NewPayment, c
     never a member's): the number she held when the money was taken (core.members.number_of_at: her number now, or
     the one a SWAP since gave the other member), not her number now, which a NEW_SIM or SWAP since gave her (a line
     with it showed a number she did not pay from, and ?paymentAccount= of it found the line). None when the audit
-    does not tell it (a NEW_SIM since: only its mask is kept): the payment keeps no number (ACCOUNT_NOT_KNOWN)."""
+    does not tell it (a NEW_SIM since: only its mask is kept): the payment keeps no number (ACCOUNT_NOT_KNOWN).
+    A member whose number was released since (she left) is asked the same: her release kept her number as a mask
+    alone, as a NEW_SIM does (no number, unless she gave it in a SWAP before leaving: the other member's now). Refused
+    for that, a line of money she paid could not be recorded naming her. (An erased member never comes here.)"""
     if new.method not in METHOD_OPERATOR:
         raise ValidationError(f"paymentAccount is required for {new.method}: the account the statement shows",
                               field="paymentAccount")
     member = await session.get(Member, new.member_id)
-    if member is None or member.phone_enc is None:
+    if member is None:
         raise ValidationError("paymentAccount is required: the member has no registered number",
                               field="paymentAccount")
     number = await number_of_at(session, rt.cipher, member, completed_at)

@@ -128,3 +128,40 @@ async def test_a_refund_of_a_line_kept_without_its_number_has_its_own_code(rt: A
         "amount": 50000, "reason": "paid twice", "idempotencyKey": idem(),
         "returnedByProvider": {"providerTransactionId": "MTN-R-" + idem()[:10]}})
     assert done["status"] == "COMPLETED", done
+
+
+async def test_a_line_naming_a_member_whose_number_was_released_keeps_the_number_she_held_then(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A member who left (suspended, her number released) holds no number now: a statement line naming her alone was
+    refused, "paymentAccount is required: the member has no registered number" (400), though the money was hers. It
+    is recorded as one from before a NEW_SIM is: the release kept her number as a mask alone, so no number ("unknown",
+    and a refund through the provider 409 PAYING_NUMBER_UNKNOWN); the number she gave in a SWAP before leaving is
+    known exactly (the other member's now), and kept."""
+    marie = await _member(admin, "Marie Uwase", MARIE)
+    await admin.json("DELETE", f"/v1/members/{marie}", 200)
+    await admin.json("POST", f"/v1/members/{marie}/release-phone", 200)
+
+    left = await _recorded(admin, demo, marie, TWO_DAYS_AGO)
+    assert (left["memberId"], left["paymentAccount"], left["status"]) == (marie, "unknown", "COMPLETED")
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, left["id"])
+        assert row is not None
+        assert (row.member_id, row.amount_minor, row.payment_account_enc, row.payment_account_index,
+                row.payment_account_masked) == (marie, 50000, "", "", "unknown")
+    for asked in ({}, {"toPayingNumber": True}):
+        refused = await admin.json("POST", f"/v1/payments/{left['id']}/refunds", 409, json={
+            "amount": 50000, "reason": "paid twice", "idempotencyKey": idem(), **asked})
+        assert refused["code"] == "PAYING_NUMBER_UNKNOWN" and "not known" in refused["message"], refused
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(Payment.refunded_minor).where(Payment.id == left["id"]))).scalar_one() == 0
+
+    # Jean swapped numbers with Eric, then left: a line of Jean's from before the swap paid from the number Eric
+    # holds now.
+    jean, eric = await _member(admin, "Jean Habimana", JEAN), await _member(admin, "Eric Mugisha", NEW)
+    await _change(rt, admin, jean, NEW, "SWAP")  # Jean has 204, Eric 201 (his then)
+    await admin.json("DELETE", f"/v1/members/{jean}", 200)
+    await admin.json("POST", f"/v1/members/{jean}/release-phone", 200)
+    his_then = await _recorded(admin, demo, jean, TWO_DAYS_AGO)
+    assert (his_then["memberId"], his_then["paymentAccount"]) == (jean, "+25078****201")
+    assert await _found_by(admin, JEAN) == [his_then["id"]]
+    assert eric
