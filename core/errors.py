@@ -128,7 +128,9 @@ CODES: dict[str, str] = {
                    "or to its own status without a note); 409 otherwise (a dispute closed already: the message "
                    "says by whom, when and how)",
     REFUND_EXCEEDS_REFUNDABLE: "422: the refund's amount exceeds what is left to refund of the payment (a "
-                               "chargeback's, returnedByProvider: what was collected on it)",
+                               "chargeback's, returnedByProvider: what was collected on it), or nothing is left "
+                               "(the message says why: refunded in full, by which refunds and chargebacks; held by "
+                               "refunds not settled yet, named)",
     PARTIAL_REFUND_UNSUPPORTED: "422: the payment's provider refunds only the full amount",
     DUPLICATE_REFERENCE: "409: the id, reference, gatewayReference or provider transaction id is held already by "
                          "another payment or refund (field names which)",

@@ -206,9 +206,11 @@ async def request_refund(
     amount = amount or available
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
-    if not amount.is_positive():  # (everything still refundable, asked for when nothing is)
-        raise BusinessRuleError("nothing left to refund" + ("" if returned is None else
-                                                            ": give the amount the provider sent back"),
+    if returned is None and not available.is_positive():  # whatever the amount asked for (or all that is left)
+        raise BusinessRuleError(await _nothing_left(session, payment), field="amount",
+                                code=REFUND_EXCEEDS_REFUNDABLE)
+    if not amount.is_positive():  # (a chargeback of everything still refundable, asked for when nothing is)
+        raise BusinessRuleError("nothing left to refund: give the amount the provider sent back",
                                 field="amount", code=REFUND_EXCEEDS_REFUNDABLE)
     if returned is not None:
         # A chargeback is the provider's statement, not a request: recorded even beyond what the refunds leave (one
@@ -356,6 +358,29 @@ async def _held_by_unsettled(session: AsyncSession, payment: Payment) -> str:
     named = ", ".join(reference for reference, _ in rows[:5]) + (", ..." if len(rows) > 5 else "")
     return (f"; refunds not settled yet hold {held} ({named}): withdraw one not yet sent with "
             "POST /v1/refunds/{id}/cancel")
+
+
+async def _nothing_left(session: AsyncSession, payment: Payment) -> str:
+    """Why nothing is left to refund of the payment, for the refusal of any refund of it: refunded in full (the
+    refunds and chargebacks that went back, their total), held by refunds not settled yet (withdraw one), or nothing
+    collected. Without it an admin read "refund of 1,000 RWF exceeds the refundable 0 RWF", as if she had asked for
+    too much, of a payment whose money had all gone back, or was on its way back."""
+    rows = (await session.execute(
+        select(Refund.reference, Refund.amount_minor, Refund.returned_by_provider)
+        .where(Refund.payment_id == payment.id, Refund.status == R.COMPLETED.value)
+        .order_by(Refund.completed_at, Refund.created_at, Refund.id))).all()
+    back = sum(int(minor) for _, minor, _ in rows)
+    taken = Money(collected(payment), payment.currency)
+    if back and back >= taken.minor:
+        head = "the payment has been refunded in full: nothing is left to refund"
+    elif taken.minor <= 0:
+        head = f"nothing is left to refund: the provider collected {Money(0, payment.currency)} on this payment"
+    else:
+        head = "nothing is left to refund"
+    named = ", ".join(("chargeback " if returned else "refund ") + reference
+                      for reference, _, returned in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    went = "" if not rows else f" ({Money(back, payment.currency)} back of {taken} collected: {named})"
+    return head + went + await _held_by_unsettled(session, payment)
 
 
 async def _within_collected(session: AsyncSession, payment: Payment, amount: Money) -> None:

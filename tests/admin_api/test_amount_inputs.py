@@ -147,9 +147,10 @@ async def test_a_refund_beyond_what_is_left_is_still_a_business_rule(admin: Call
     over = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422,
                             json={"amount": 50001, "idempotencyKey": idem()})
     assert over["message"] == "refund of 50,001 RWF exceeds the refundable 50,000 RWF"
-    await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    whole = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
     left = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
-    assert left["message"] == "nothing left to refund"
+    assert left["message"] == (f"nothing is left to refund; refunds not settled yet hold 50,000 RWF "
+                               f"({whole['reference']}): withdraw one not yet sent with POST /v1/refunds/{{id}}/cancel")
     zero = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 400,
                             json={"amount": 0, "idempotencyKey": idem()})
     assert zero["message"] == ["amount must be a positive number"]

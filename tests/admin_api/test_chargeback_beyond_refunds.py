@@ -101,7 +101,10 @@ async def test_a_chargeback_while_a_refund_is_at_the_provider_is_recorded_and_fl
     # Ordinary refunds keep their limits: nothing is left to send.
     refused = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422,
                                json={"amount": 1, "idempotencyKey": idem()})
-    assert refused["message"].startswith("refund of 1 RWF exceeds the refundable 0 RWF")
+    assert refused["message"] == (
+        "the payment has been refunded in full: nothing is left to refund (50,000 RWF back of 50,000 RWF collected: "
+        f"chargeback {recorded['reference']}); refunds not settled yet hold 50,000 RWF ({sent['reference']}): "
+        "withdraw one not yet sent with POST /v1/refunds/{id}/cancel")
 
 
 async def test_a_dispute_resolved_by_a_chargeback_while_a_refund_is_at_the_provider(
@@ -137,7 +140,9 @@ async def test_the_refund_at_the_provider_then_completes_both_stand_flagged_once
         stored = await s.get(Payment, paid["id"])
         assert (await refundable(s, stored)).minor == 0  # never negative
     nothing = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
-    assert nothing["message"] == "nothing left to refund"
+    assert nothing["message"] == (
+        "the payment has been refunded in full: nothing is left to refund (100,000 RWF back of 50,000 RWF collected: "
+        f"chargeback {recorded['reference']}, refund {sent['reference']})")
     # The reconciliation shows both as the statement does: 100,000 back on 50,000 collected.
     report = await admin.json("GET", "/v1/reports/reconciliation", 200)
     assert [(line["collected"], line["refundedCount"], line["refunded"], line["net"])

@@ -34,7 +34,9 @@ async def test_partial_then_rest_then_over_the_limit(admin, rt, demo):
     nothing = await admin.json(
         "POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"idempotencyKey": idem()}
     )
-    assert nothing["message"] == "nothing left to refund"
+    assert nothing["message"] == (
+        f"nothing is left to refund; refunds not settled yet hold 50,000 RWF ({part['reference']}, "
+        f"{rest['reference']}): withdraw one not yet sent with POST /v1/refunds/{{id}}/cancel")
     listed = await admin.json("GET", f"/v1/payments/{payment['id']}/refunds", 200)
     assert listed["meta"]["total"] == 2
     assert (await admin.json("GET", "/v1/refunds?status=PENDING", 200))["meta"]["total"] == 2

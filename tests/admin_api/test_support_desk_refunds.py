@@ -315,7 +315,9 @@ async def test_airtel_refunds_only_the_whole_payment_once(
         assert sorted(r.status for r in answers) == [201, 201]
         await drain(worker)
         again = await admin.json("POST", url, 422, json={"idempotencyKey": idem()})
-        assert again["message"] == "nothing left to refund"
+        [whole] = (await admin.json("GET", f"{url}", 200))["data"]
+        assert again["message"] == ("the payment has been refunded in full: nothing is left to refund (50,000 RWF "
+                                    f"back of 50,000 RWF collected: refund {whole['reference']})")
     assert sent == [{"transaction": {"airtel_money_id": payment["gatewayTransactionId"]}}]
     shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
     assert (shown["status"], shown["refundedAmount"]) == ("REFUNDED", 50000)

@@ -65,7 +65,8 @@ async def test_the_money_is_given_back_and_the_payment_stays_failed(admin, rt, d
     assert sms == [f"sms:payment_failed:{payment['id']}", f"sms:payment_taken_after_failure:{payment['id']}",
                    f"sms:refund_completed:{refund['id']}"]
     left = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"idempotencyKey": idem()})
-    assert "nothing left to refund" in left["message"]
+    assert left["message"] == ("the payment has been refunded in full: nothing is left to refund (50,000 RWF back "
+                               f"of 50,000 RWF collected: refund {refund['reference']})")
 
 
 async def test_the_cooperatives_system_is_told_the_money_was_taken(admin, rt, demo):

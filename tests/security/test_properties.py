@@ -191,7 +191,7 @@ def test_parse_never_raises_anything_but_money_error(text: str) -> None:
 
 # --- refund limits ---------------------------------------------------------------------------------
 
-REFUSALS = ("exceeds the refundable", "nothing left to refund")
+REFUSALS = ("exceeds the refundable", "nothing is left to refund")
 
 
 @st.composite
