@@ -558,7 +558,18 @@ async def type_changed_args(ctx: Ctx) -> dict[str, Any]:
 
 def _registration(ctx: Ctx, coop: CoopRow) -> str:
     ctx.data["rc"], ctx.data["cn"] = coop.id, whole(coop.name)
+    if _another_countrys(ctx, coop):
+        return "reg_foreign"
     return "reg_name" if coop.self_registration else "reg_closed"
+
+
+def _another_countrys(ctx: Ctx, coop: CoopRow) -> bool:
+    """Whether the phone's number is of another country than the cooperative's (a Ghanaian number, reaching us
+    through Hubtel or Nalo, typing a Rwandan cooperative's code): its wallets are its country's and take no other
+    country's number (core.payments.methods_for), and USSD offers no bank method, so a member who joined so could
+    never pay here; she was taken in PENDING all the same. Refused before her name is asked: her cooperative's office
+    may still register her (POST /v1/members warns of such a number, and a bank method may collect from her)."""
+    return bool(coop.country) and ctx.hop.phone.region != coop.country
 
 
 async def validate_code(ctx: Ctx, text: str) -> str:
@@ -596,6 +607,9 @@ async def validate_name(_ctx: Ctx, text: str) -> str:
 async def name_entered(ctx: Ctx, name: str) -> str:
     from core.members import create_member
 
+    coop = await cooperative(ctx, ctx.data["rc"])
+    if coop is not None and _another_countrys(ctx, coop):  # (a session resumed at the name from before the check)
+        return "reg_foreign"
     try:
         side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:

@@ -30,6 +30,9 @@ _SCREENS: tuple[Screen, ...] = (
     End("reg_suspended", "reg.suspended"),
     End("reg_done", "reg.done", args=f.reg_args),
     End("reg_exists", "reg.exists", args=f.coop_args),
+    # A number of another country than the cooperative's (a Ghanaian one typing a Rwandan cooperative's code): none
+    # of its wallets could ever take her payment.
+    End("reg_foreign", "reg.foreign", args=f.coop_args),
     End("member_pending", "member.pending", args=f.coop_args),
     End("member_none", "member.none"),
     End("member_not_here", "member.not_here", args=f.coop_args),

@@ -186,7 +186,7 @@ async def test_failed_is_refused_for_a_refund_whose_status_is_still_asked_for(rt
     assert refused.value.message.startswith("refund is still being settled with the provider")
     # The amount stays held: nothing more can be refunded while MTN may still pay this one out.
     async with rt.sessionmaker.begin() as s:
-        with pytest.raises(Exception, match="^nothing is left to refund; refunds not settled yet hold 50,000 RWF"):
+        with pytest.raises(Exception, match=r"^nothing is left to refund; refunds not settled yet hold 50,000 RWF"):
             await request_refund(s, rt, payment_id=payment.id, cooperative_id=payment.cooperative_id, amount=None,
                                  reason="again", idempotency_key="refund-key-again", actor=ADMIN)
     # MTN pays it out; the poll asks, and the refund completes.
