@@ -157,8 +157,9 @@ CODES: dict[str, str] = {
                            "would go back to that number; send it with toPayingNumber: true, or pay her another "
                            "way and record it with returnedByProvider",
     PAYING_NUMBER_UNKNOWN: "409: the payment was recorded from a statement line without the number that paid it "
-                           "(paymentAccount \"unknown\": its member's number changed since): nothing can be sent; "
-                           "have the provider send the money back and record it with returnedByProvider",
+                           "(paymentAccount \"unknown\": its member's number changed, or was released, since): "
+                           "nothing can be sent; have the provider send the money back and record it with "
+                           "returnedByProvider",
     MEMBER_ERASED: "409: the payment's member was erased: the number to refund is no longer known, and nothing can "
                    "be sent; have the provider send the money back and record it with returnedByProvider",
     CONCURRENT_CHANGE: "409: what the request depends on was being changed by another at that moment (a dispute of "

@@ -181,11 +181,20 @@ async def request_refund(
     if not holds_money(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}",
                                 code=INVALID_STATE)
+    if returned is None:
+        if amount is not None and amount.currency != payment.currency:
+            raise ValidationError(f"refund must be in {payment.currency}", field="amount")
+        if not (await refundable(session, payment)).is_positive():
+            # Whatever the amount asked for (or all that is left), and before the refusals below that tell how to
+            # get the money back (the paying number not known, the member erased, a request the provider never
+            # had): all of it is back, or on its way, and those sent the admin to have it sent back again.
+            raise BusinessRuleError(await _nothing_left(session, payment), field="amount",
+                                    code=REFUND_EXCEEDS_REFUNDABLE)
     if returned is None and not payment.payment_account_enc and payment.payment_account_masked == ACCOUNT_NOT_KNOWN:
-        # Recorded from a statement line naming its member alone, from before her number changed.
-        raise Conflict("the payment was recorded without the number that paid it (its member's number changed "
-                       "since): the account to refund is not known; have the provider send the money back and "
-                       "record that with returnedByProvider", code=PAYING_NUMBER_UNKNOWN)
+        # Recorded from a statement line naming its member alone, from before her number changed or was released.
+        raise Conflict("the payment was recorded without the number that paid it (its member's number changed, "
+                       "or was released, since): the account to refund is not known; have the provider send the "
+                       "money back and record that with returnedByProvider", code=PAYING_NUMBER_UNKNOWN)
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider", code=MEMBER_ERASED)
@@ -206,9 +215,6 @@ async def request_refund(
     amount = amount or available
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
-    if returned is None and not available.is_positive():  # whatever the amount asked for (or all that is left)
-        raise BusinessRuleError(await _nothing_left(session, payment), field="amount",
-                                code=REFUND_EXCEEDS_REFUNDABLE)
     if not amount.is_positive():  # (a chargeback of everything still refundable, asked for when nothing is)
         raise BusinessRuleError("nothing left to refund: give the amount the provider sent back",
                                 field="amount", code=REFUND_EXCEEDS_REFUNDABLE)
