@@ -355,15 +355,27 @@ async def _held_by_unsettled(session: AsyncSession, payment: Payment) -> str:
     """What the payment's refunds not settled yet hold, for a refusal of more than is left: without it, a refund
     queued while the provider is down read as money the member already has ("exceeds the refundable 0")."""
     rows = (await session.execute(
-        select(Refund.reference, Refund.amount_minor)
+        select(Refund.reference, Refund.amount_minor, Refund.status)
         .where(Refund.payment_id == payment.id, Refund.status.in_(OPEN_VALUES))
         .order_by(Refund.created_at, Refund.id))).all()
     if not rows:
         return ""
-    held = Money(sum(minor for _, minor in rows), payment.currency)
-    named = ", ".join(reference for reference, _ in rows[:5]) + (", ..." if len(rows) > 5 else "")
-    return (f"; refunds not settled yet hold {held} ({named}): withdraw one not yet sent with "
-            "POST /v1/refunds/{id}/cancel")
+    held = Money(sum(minor for _, minor, _ in rows), payment.currency)
+
+    def listed(references: list[str]) -> str:
+        return ", ".join(references[:5]) + (", ..." if len(references) > 5 else "")
+
+    unsent = [reference for reference, _, status in rows if status == R.PENDING.value]
+    # One sent to the provider (PROCESSING) cannot be withdrawn (cancel_refund: 409): told to, the admin was refused.
+    if len(unsent) == len(rows):
+        what = ": withdraw one not yet sent with POST /v1/refunds/{id}/cancel"
+    elif unsent:
+        what = (f": withdraw one not yet sent ({listed(unsent)}) with POST /v1/refunds/{{id}}/cancel; the others are "
+                "at the provider: wait for their outcome")
+    else:
+        what = (": sent to the provider, none can be withdrawn: wait for "
+                f"{'its' if len(rows) == 1 else 'their'} outcome (one that fails frees its amount)")
+    return f"; refunds not settled yet hold {held} ({listed([reference for reference, _, _ in rows])}){what}"
 
 
 async def _nothing_left(session: AsyncSession, payment: Payment) -> str:

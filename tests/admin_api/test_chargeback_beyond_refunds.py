@@ -104,7 +104,7 @@ async def test_a_chargeback_while_a_refund_is_at_the_provider_is_recorded_and_fl
     assert refused["message"] == (
         "the payment has been refunded in full: nothing is left to refund (50,000 RWF back of 50,000 RWF collected: "
         f"chargeback {recorded['reference']}); refunds not settled yet hold 50,000 RWF ({sent['reference']}): "
-        "withdraw one not yet sent with POST /v1/refunds/{id}/cancel")
+        "sent to the provider, none can be withdrawn: wait for its outcome (one that fails frees its amount)")
 
 
 async def test_a_dispute_resolved_by_a_chargeback_while_a_refund_is_at_the_provider(

@@ -71,3 +71,44 @@ async def test_a_payment_of_an_erased_member_refunded_in_full_says_so(rt: Any, a
     await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
 
     await _refused_in_full(admin, rt, paid["id"], f"chargeback {back['reference']}")
+
+
+async def test_a_payment_held_by_a_refund_at_the_provider_is_not_told_to_withdraw_it(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A refund of all of it sent to the provider (PROCESSING) holds the payment: the refusal said "withdraw one not
+    yet sent with POST /v1/refunds/{id}/cancel", and that withdrawal is refused (409: already PROCESSING). It says
+    the refund is at the provider, to wait for its outcome; with one not sent yet besides, which one can go."""
+    from sqlalchemy import update
+
+    from core.models import OutboxJob
+
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    sent = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                            json={"amount": 30000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == sent["id"]).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
+    queued = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 20000, "idempotencyKey": idem()})
+    assert queued["status"] == "PENDING"
+
+    both = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
+    assert both["message"] == (
+        f"nothing is left to refund; refunds not settled yet hold 50,000 RWF ({sent['reference']}, "
+        f"{queued['reference']}): withdraw one not yet sent ({queued['reference']}) with "
+        "POST /v1/refunds/{id}/cancel; the others are at the provider: wait for their outcome"), both
+    await admin.json("POST", f"/v1/refunds/{queued['id']}/cancel", 200, json={"note": "asked for by mistake"})
+    rest = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    assert rest["amount"] == 20000
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == rest["id"]).values(status="PROCESSING"))
+
+    at_the_provider = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422,
+                                       json={"amount": 1000, "idempotencyKey": idem()})
+    assert at_the_provider["message"] == (
+        f"nothing is left to refund; refunds not settled yet hold 50,000 RWF ({sent['reference']}, "
+        f"{rest['reference']}): sent to the provider, none can be withdrawn: wait for their outcome (one that fails "
+        "frees its amount)"), at_the_provider
+    withdraw = await admin.json("POST", f"/v1/refunds/{sent['id']}/cancel", 409, json={"note": "told to"})
+    assert withdraw["code"] == "INVALID_STATE"
