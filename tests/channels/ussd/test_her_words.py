@@ -1,6 +1,6 @@
 """What the member reads, the same on USSD and by SMS: a payment she did not approve in time is said so in both
 (the USSD said "Expired"), French writes "Réf :" in both (the SMS wrote "Réf:"), and a payment whose complaint is
-open already is said so when she picks it, not after she chose a reason. On real PostgreSQL and Redis."""
+open already is said so when she picks it, not after she chose a reason. On PostgreSQL and on the embedded SQLite."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from channels.sms import templates
 from core.models import Dispute, OutboxJob, Payment
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, FR_AIRTEL, RW_MTN, SW_AIRTEL, _pay, option
-
-pytestmark = pytest.mark.requires_pg
 
 # Her phone, the status line the list and the detail show, and the detail's "Status" label, in her language.
 NOT_APPROVED = {
