@@ -664,16 +664,15 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if refund.failure_reason is not None:
             values["failure_reason"] = None  # no longer true (a FAILED one sent after all; the audit log keeps it)
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
-        if current is R.FAILED:
-            # Its dispute, and those of the refunds it may withdraw (_withdraw_unsent), are noted below, after the
-            # payment is locked: locked first, as a refund made during the dispute (_lock_open_disputes) and a
-            # resolution lock it before the payment, or a late success deadlocks against them (record_refund_outcome
-            # locks them so too). Every dispute of the payment: one being resolved is waited for.
-            await _lock_disputes_noted(session, refund)
         # Read fresh under the lock: an instance the session already holds (loaded before another refund of this
         # payment completed and committed) would count from a stale total, and a second outcome recorded at the
         # same moment lost the first one's amount (PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED passes the CAS).
-        payment = await lock_row(session, Payment, refund.payment_id)
+        # A late one's: its dispute, and those of the refunds it may withdraw (_withdraw_unsent), are noted below,
+        # after the payment is locked: locked first, as a refund made during the dispute (_lock_open_disputes) and a
+        # resolution lock it before the payment, or a late success deadlocks against them (record_refund_outcome
+        # locks them so too). Every dispute of the payment: one being resolved is waited for.
+        payment = await (_lock_disputes_then_payment(session, refund) if current is R.FAILED
+                         else lock_row(session, Payment, refund.payment_id))
         assert payment is not None
         refunded = payment.refunded_minor + refund.amount_minor
         if amount is not None and amount != Money(refund.amount_minor, refund.currency):
@@ -753,7 +752,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     return updated.status.lower()
 
 
-async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
+async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> list[str]:
     """Every dispute of the refund's payment, locked in id order before the payment: those a late success of
     `refund` notes (its own, and those of the payment's refunds waiting to be sent, which _withdraw_unsent may
     withdraw), and one being resolved right now. A resolution in the member's favour without a refund of its own
@@ -762,9 +761,45 @@ async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
     and the member was paid back twice (flagged only once that one completed). Waiting here for the dispute, the
     late success then finds it linked and free, and withdraws it. All of them, whatever their status: read by status,
     a dispute resolved while this waited for it would be left out, and locked later, after the payment (its note).
-    One probe of the payment's few disputes; a late success is rare."""
-    await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id)
-                          .order_by(Dispute.id).with_for_update())
+    One probe of the payment's few disputes; a late success is rare. Returns their ids."""
+    return list((await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id)
+                                       .order_by(Dispute.id).with_for_update())).scalars().all())
+
+
+async def _lock_disputes_then_payment(session: AsyncSession, refund: Refund) -> Payment:
+    """The refund's payment, locked after all its disputes (_lock_disputes_noted), and none of them waited for once
+    the payment is held. A dispute opened and committed in the instant between the two locks (core.disputes.
+    open_dispute locks the payment, so none can be opened once this holds it) is not among those locked: noted later
+    (its resolution linked a refund this withdraws) it was locked after the payment, against a resolution holding it
+    and waiting for the payment (a deadlock, one rolled back); and a resolution holding it, and the refunds waiting
+    it relies on (core.disputes._rely_on_unsettled), made _withdraw_unsent skip those, left PENDING and sent (the
+    member paid back twice). Such a dispute is taken if it is free (SKIP LOCKED: taken without waiting, so the
+    order holds); if another holds it, the two locks are let go (their savepoint rolled back: PostgreSQL releases
+    the row locks taken in it) and taken again in order, waiting for that dispute this time. Only PostgreSQL locks
+    rows (on SQLite the write lock serialises every writer): there, the two locks as they are."""
+    if session.get_bind().dialect.name == "sqlite":
+        await _lock_disputes_noted(session, refund)
+        payment = await lock_row(session, Payment, refund.payment_id)
+        assert payment is not None
+        return payment  # type: ignore[no-any-return]
+    for _ in range(3):
+        savepoint = await session.begin_nested()
+        locked = await _lock_disputes_noted(session, refund)
+        payment = await lock_row(session, Payment, refund.payment_id)
+        assert payment is not None
+        new = set((await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id))
+                   ).scalars().all()) - set(locked)
+        taken = [] if not new else (await session.execute(
+            select(Dispute.id).where(Dispute.id.in_(new)).order_by(Dispute.id).with_for_update(skip_locked=True))
+        ).scalars().all()
+        if len(taken) == len(new):
+            await savepoint.commit()
+            return payment  # type: ignore[no-any-return]
+        await savepoint.rollback()
+        log.info("a dispute opened on the payment while a late success locked it is being changed: its locks let "
+                 "go and taken again in order", extra={"refund": refund.reference})
+    raise Conflict("disputes on this payment were opened and changed while this was recorded: nothing was "
+                   "recorded; send it again", code=CONCURRENT_CHANGE)
 
 
 async def _her_row_first(session: AsyncSession | AsyncConnection, payments: Any) -> None:
@@ -1268,11 +1303,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         raise Conflict(f"refund is already {refund.status}", field="status", code=INVALID_STATE)
     if succeeded and R(refund.status) is R.FAILED:
         # A late success notes its own dispute and those of the refunds it may withdraw (_withdraw_unsent): the
-        # payment's disputes, all locked now (_lock_disputes_noted), before the payment (locked below for the
-        # statement line's id), as apply_refund_outcome locks them for a provider's late word; else a refund asked
-        # for on such a disputed payment at the same moment (its dispute, then the payment) deadlocks against this,
-        # and a resolution linking a refund waiting to be sent held it while this withdrew the others.
-        await _lock_disputes_noted(session, refund)
+        # payment's disputes, all locked now, then the payment (_lock_disputes_then_payment: locked here for the
+        # statement line's id below), as apply_refund_outcome locks them for a provider's late word; else a refund
+        # asked for on such a disputed payment at the same moment (its dispute, then the payment) deadlocks against
+        # this, and a resolution linking a refund waiting to be sent held it while this withdrew the others.
+        await _lock_disputes_then_payment(session, refund)
     elif refund.dispute_id is not None:
         # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
         # its dispute before the payment (core.disputes.move_dispute; a refund made during an open dispute is

@@ -9,7 +9,10 @@ The defect these found: a resolution in the member's favour without a refund of 
 payment's refunds not yet settled (core.disputes._rely_on_unsettled), and a late success at that moment skipped the
 refund it held (core.refunds._withdraw_unsent, SKIP LOCKED): it was left PENDING and sent, and the member was paid
 back twice, flagged only once the second refund completed. The late success now locks every dispute of the payment
-before the payment (core.refunds._lock_disputes_noted), so it waits for the resolution and then withdraws it."""
+before the payment (core.refunds._lock_disputes_noted), so it waits for the resolution and then withdraws it. A
+dispute opened in the instant between those two locks escaped them (the last tests here): it is now taken under the
+payment's lock without waiting, or both locks are let go and taken again in order
+(core.refunds._lock_disputes_then_payment)."""
 
 from __future__ import annotations
 
@@ -370,6 +373,153 @@ async def test_a_late_success_withdraws_a_refund_waiting_for_the_providers_confi
             status="PENDING" if submission == "retrying" else "PARKED", attempts=3, last_error=error))
     assert await _run(rt, _late_success(rt, failed)) == "completed"
     await _withdrawn_once(rt, waiting, payment)
+    async with rt.sessionmaker() as s:
+        paid = await s.get(Payment, payment.id)
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+
+
+# A dispute opened (and committed) in the instant between a late success's lock on the payment's disputes and its lock
+# on the payment: the late success's locks on them are held between the two (`between`, run just before its payment
+# lock: the dispute opened then) and after the payment's (`after`: the officer's move started then). Its first lock of
+# the payment only: each path locks it again later (apply_refund_outcome, under record_refund_outcome's).
+Hook = Callable[[], Awaitable[None]]
+
+
+def _payment_lock_held(monkeypatch: pytest.MonkeyPatch, between: Hook, after: Hook) -> None:
+    import core.refunds
+
+    lock_row, seen = core.refunds.lock_row, []
+
+    async def held(session: Any, model: Any, row_id: Any, cooperative_id: Any = None) -> Any:
+        first = model is Payment and not seen
+        if model is Payment:
+            seen.append(row_id)
+        if first:
+            await between()
+        row = await lock_row(session, model, row_id, cooperative_id)
+        if first:
+            await after()
+        return row
+    monkeypatch.setattr(core.refunds, "lock_row", held)
+
+
+async def _opened(rt: Any, payment: Payment) -> Dispute:
+    async with rt.sessionmaker.begin() as s:
+        return await open_dispute(s, payment=await s.get(Payment, payment.id), reason="OTHER", channel="api",
+                                  actor=ADMIN, cipher=rt.cipher, answer_days=90, note="charged twice")
+
+
+async def _undisputed(rt: Any, demo: dict[str, Any]) -> tuple[Payment, Refund, Refund]:
+    """_setup's payment, `failed` and `waiting`, without a dispute (the one opened in the race is its only one)."""
+    payment = await _paid(rt, demo)
+    failed = await _refund(rt, payment)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{failed.id}").values(status="DONE"))
+        await s.execute(update(Refund).where(Refund.id == failed.id).values(status="PROCESSING"))
+    assert await handle_provider_event(rt, _provider_says(failed, ProviderOutcome.FAILED)) == "failed"
+    return payment, failed, await _refund(rt, payment)
+
+
+def _late_success_by(rt: Any, failed: Refund, path: str) -> Callable[[], Awaitable[Any]]:
+    """The late success of `failed` as each path records it, in a transaction of its own: the worker (its poll), the
+    provider's callback, an admin from the statement with its line's id (the payment locked early, to check the id is
+    no other refund's) and without."""
+    from core.refunds import record_refund_outcome
+
+    async def recorded(txn: str | None) -> Any:
+        async with rt.sessionmaker.begin() as s:
+            return (await record_refund_outcome(s, rt, refund_id=failed.id, cooperative_id=None, succeeded=True,
+                                                note="on the statement", actor=ADMIN,
+                                                provider_transaction_id=txn)).status.lower()
+
+    if path == "callback":
+        return lambda: handle_provider_event(rt, _provider_says(failed, ProviderOutcome.SUCCEEDED, "RF-LATE"))
+    if path == "admin_with_id":
+        return lambda: recorded("RF-LATE")
+    if path == "admin":
+        return lambda: recorded(None)
+    return lambda: _run(rt, _late_success(rt, failed))
+
+
+LATE_PATHS = ["worker", "callback", "admin_with_id", "admin"]
+
+
+@pytest.mark.parametrize("path", LATE_PATHS)
+async def test_a_dispute_opened_between_a_late_successs_locks_and_resolved_with_a_refund(
+        rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The officer opens a dispute while a late success holds the payment's disputes (before it locks the payment) and
+    resolves it with a refund while the late success holds the payment: her resolution holds the new dispute and waits
+    for the payment. The late success locked that dispute after the payment (the admin's recording by the statement
+    line's id, which locks the payment early): a deadlock, one of the two rolled back. Now it never waits for a dispute
+    while it holds the payment. Either the resolution's refund is made, then withdrawn by the late success, noted on
+    the dispute (it lets the payment go and waits for the dispute), or the late success goes first and the refund is
+    refused (nothing left: 422), the dispute left OPEN: the member is paid back once, each told once."""
+    from core.errors import BusinessRuleError
+
+    payment, failed, waiting = await _undisputed(rt, demo)
+    async with rt.sessionmaker.begin() as s:  # (withdrawn by an admin: room for the officer's refund)
+        await s.execute(update(Refund).where(Refund.id == waiting.id).values(status="FAILED", failure_reason="x"))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{waiting.id}").values(status="DONE"))
+    opened: list[Dispute] = []
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def between() -> None:
+        opened.append(await _opened(rt, payment))
+
+    async def after() -> None:
+        tasks.append(asyncio.create_task(_run(rt, _resolution_with_refund(rt, opened[0]))))
+        await waiting_for_locks(rt, 1, done=tasks[0])  # her resolution holds the dispute, waits for the payment
+
+    _payment_lock_held(monkeypatch, between, after)
+    late = await asyncio.gather(_late_success_by(rt, failed, path)(), return_exceptions=True)
+    results = late + list(await asyncio.gather(*tasks, return_exceptions=True))
+    assert results[0] == "completed", results
+    async with rt.sessionmaker() as s:
+        paid = await s.get(Payment, payment.id)
+        dispute = await s.get(Dispute, opened[0].id)
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+    assert "more than collected" not in (paid.mismatch_detail or "")
+    if isinstance(results[1], BaseException):
+        assert isinstance(results[1], BusinessRuleError) and "refundable 0 RWF" in str(results[1]), results
+        assert (dispute.status, dispute.refund_id) == ("OPEN", None)
+        return
+    await _resolved_once(rt, dispute)
+    async with rt.sessionmaker() as s:
+        theirs = await s.get(Refund, dispute.refund_id)
+    await _withdrawn_once(rt, theirs, payment)
+    assert any(theirs.reference in (n["text"] or "") and "not sent" in (n["text"] or "") for n in dispute.notes)
+
+
+@pytest.mark.parametrize("path", LATE_PATHS)
+async def test_a_dispute_opened_between_a_late_successs_locks_and_resolved_on_the_refund_waiting(
+        rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The same dispute resolved without a refund, on the refund waiting to be sent (core.disputes._rely_on_unsettled
+    links it, and so holds it), in a transaction held until the late success has gone as far as it can: the late
+    success skipped the refund it held (_withdraw_unsent, SKIP LOCKED), which was left PENDING and sent (the member
+    paid back twice). Now it waits for the resolution and withdraws it; each once."""
+    payment, failed, waiting = await _undisputed(rt, demo)
+    opened: list[Dispute] = []
+    held = asyncio.Event()
+    async with rt.sessionmaker() as officer:
+
+        async def between() -> None:
+            opened.append(await _opened(rt, payment))
+            await officer.begin()
+            await _resolution(rt, opened[0])(officer)  # held: the dispute and the refund waiting locked
+            held.set()
+
+        async def nothing() -> None:
+            return None
+
+        _payment_lock_held(monkeypatch, between, nothing)
+        late = asyncio.create_task(_late_success_by(rt, failed, path)())
+        await held.wait()
+        await waiting_for_locks(rt, 1, done=late)  # (unless it went on without the refund held)
+        await officer.commit()
+    result = (await asyncio.gather(late, return_exceptions=True))[0]
+    assert result == "completed", result
+    await _withdrawn_once(rt, waiting, payment)
+    await _resolved_once(rt, opened[0])
     async with rt.sessionmaker() as s:
         paid = await s.get(Payment, payment.id)
     assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
