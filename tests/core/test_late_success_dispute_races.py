@@ -523,3 +523,57 @@ async def test_a_dispute_opened_between_a_late_successs_locks_and_resolved_on_th
     async with rt.sessionmaker() as s:
         paid = await s.get(Payment, payment.id)
     assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+
+
+async def _dispute_with_id(rt: Any, payment: Payment, monkeypatch: pytest.MonkeyPatch, first: str) -> Dispute:
+    """A dispute of `payment` opened with an id starting `first` (its place in the id order every locker takes)."""
+    import core.disputes
+
+    fixed = uuid.UUID(first + uuid.uuid4().hex[len(first):])
+    with monkeypatch.context() as m:
+        m.setattr(core.disputes.uuid, "uuid4", lambda: fixed)
+        return await _opened(rt, payment)
+
+
+@pytest.mark.parametrize("path", LATE_PATHS)
+async def test_a_late_success_and_a_chargeback_resolving_a_later_dispute_with_an_earlier_one_noted(
+        rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """A dispute (`earlier`, first in id order) resolved on the refund waiting (linked to it), then a second one
+    (`later`) that the officer resolves by recording the provider's chargeback. Her resolution locked its own dispute,
+    then (core.refunds._lock_open_disputes, for the refund waiting it may withdraw) `earlier`: against a late success
+    of `failed`, which locks every dispute of the payment in id order (`earlier`, then `later`), a deadlock, one of
+    the two rolled back (the officer's 503, or the late success's). Now the chargeback's resolution locks them in id
+    order too: the late success waits for it, then completes; the refund waiting is withdrawn once."""
+    import core.disputes
+
+    payment, failed, waiting = await _undisputed(rt, demo)
+    earlier = await _dispute_with_id(rt, payment, monkeypatch, "0000")
+    await _run(rt, _resolution(rt, earlier))  # relies on `waiting`: linked to it
+    later = await _dispute_with_id(rt, payment, monkeypatch, "ffff")
+    tasks: list[asyncio.Task[Any]] = []
+    lock_row = core.disputes.lock_row
+
+    async def held(session: Any, model: Any, row_id: Any, cooperative_id: Any = None) -> Any:
+        row = await lock_row(session, model, row_id, cooperative_id)
+        if model is Dispute and not tasks:  # the resolution holds its dispute: the late success starts now
+            tasks.append(asyncio.create_task(_late_success_by(rt, failed, path)()))
+            await waiting_for_locks(rt, 1, done=tasks[0])
+        return row
+    monkeypatch.setattr(core.disputes, "lock_row", held)
+
+    async def chargeback(s: Any) -> Any:
+        return await move_dispute(s, rt, dispute_id=later.id, cooperative_id=later.cooperative_id,
+                                  target="RESOLVED", actor=ADMIN, note="charged back",
+                                  refund_amount=Money(50_000, "RWF"), returned=ReturnedByProvider("CB-1"))
+
+    resolution = await asyncio.gather(_run(rt, chargeback), return_exceptions=True)
+    results = resolution + list(await asyncio.gather(*tasks, return_exceptions=True))
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[1] == "completed", results
+    await _withdrawn_once(rt, waiting, payment)
+    async with rt.sessionmaker() as s:
+        paid = await s.get(Payment, payment.id)
+        row = await s.get(Dispute, later.id)
+        assert (await s.get(Refund, failed.id)).status == "COMPLETED"
+    assert row.status == "RESOLVED" and row.refund_id is not None
+    assert (paid.refunded_minor, paid.mismatch) == (100_000, True), paid.mismatch_detail
