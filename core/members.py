@@ -34,7 +34,7 @@ from core import users
 from core.audit import Actor, formatted, phone_changes, record
 from core.crypto import PiiCipher
 from core.db import event_data_id, insert_ignore, lock_row, utcnow
-from core.errors import INVALID_STATE, MEMBER_PHONE_TAKEN, Conflict, NotFound, ValidationError
+from core.errors import CONCURRENT_CHANGE, INVALID_STATE, MEMBER_PHONE_TAKEN, Conflict, NotFound, ValidationError
 from core.models import (
     AdminUser,
     AuditEvent,
@@ -878,21 +878,43 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     # (core.refunds._withdraw_unsent, SKIP LOCKED: a chargeback, a late success of another refund) on a payment of no
     # member (from her number: no row of hers to wait on), which this erasure then waited for: it was left PENDING
     # and sent (the member paid back twice), and this erasure refused for it all the same. Now withdrawn.
-    await session.execute(select(Refund.id).join(Payment, Payment.id == Refund.payment_id)
-                          .where(of_hers, Refund.status.not_in(OPEN_REFUND_VALUES)).order_by(Refund.id)
-                          .with_for_update(of=Refund))
-    open_before = (await session.execute(
-        select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
-        .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
-    if not open_before:
-        # The disputes of her payments (_erase_disputes writes them) after the refunds, before the payments: a
-        # refund's late outcome locks the refund, its disputes, then the payment (core.refunds), and a resolution
-        # or a refund asked for its dispute, then the payment. With a refund open the erasure is refused below
-        # (even if it settles meanwhile: its disputes were not locked before the payments).
-        await session.execute(select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
-                              .order_by(Dispute.id).with_for_update(of=Dispute))
-    statuses = (await session.execute(select(Payment.status).where(of_hers)
-                                      .order_by(Payment.id).with_for_update())).scalars().all()
+    #
+    # A dispute of a payment from her number with no member attached is opened without her row's lock
+    # (core.disputes._lock_payment): one committed between the disputes' lock and the payments' is not among those
+    # locked, and _erase_disputes waited for it while holding the payments, against an officer's resolution holding
+    # it and waiting for the payment (a refund, a chargeback): a deadlock, one rolled back (503). Such a dispute is
+    # taken if it is free (SKIP LOCKED: no wait, so the order holds); if another holds it, the locks taken here are
+    # let go (their savepoint rolled back) and taken again in order, waiting for it this time. (PostgreSQL only: on
+    # SQLite the write lock serialises every writer.)
+    postgres = session.get_bind().dialect.name != "sqlite"
+    for _ in range(3):
+        savepoint = await session.begin_nested() if postgres else None
+        await session.execute(select(Refund.id).join(Payment, Payment.id == Refund.payment_id)
+                              .where(of_hers, Refund.status.not_in(OPEN_REFUND_VALUES)).order_by(Refund.id)
+                              .with_for_update(of=Refund))
+        open_before = (await session.execute(
+            select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
+            .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
+        locked: Sequence[str] = []
+        if not open_before:
+            # The disputes of her payments (_erase_disputes writes them) after the refunds, before the payments: a
+            # refund's late outcome locks the refund, its disputes, then the payment (core.refunds), and a
+            # resolution or a refund asked for its dispute, then the payment. With a refund open the erasure is
+            # refused below (even if it settles meanwhile: its disputes were not locked before the payments).
+            locked = (await session.execute(
+                select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
+                .order_by(Dispute.id).with_for_update(of=Dispute))).scalars().all()
+        statuses = (await session.execute(select(Payment.status).where(of_hers)
+                                          .order_by(Payment.id).with_for_update())).scalars().all()
+        if savepoint is None:
+            break
+        if open_before or await _disputes_opened_since_free(session, of_hers, locked):
+            await savepoint.commit()
+            break
+        await savepoint.rollback()
+    else:
+        raise Conflict("disputes of the member's payments were opened and changed while she was erased: nothing was "
+                       "erased; erase her again", code=CONCURRENT_CHANGE)
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
     if open_payments:
         raise Conflict(f"the member has {open_payments} payment(s) still open (PENDING or PROCESSING): "
@@ -903,6 +925,18 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     if open_refunds:
         raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
                        "erase the member once they have settled", code=INVALID_STATE)
+
+
+async def _disputes_opened_since_free(session: AsyncSession, of_hers: Any, locked: Sequence[str]) -> bool:
+    """Under the payments' locks: the disputes of her payments opened since `locked` were (_refuse_open_money), taken
+    without waiting (SKIP LOCKED); False if another transaction holds one."""
+    new = set((await session.execute(select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id)
+                                     .where(of_hers))).scalars().all()) - set(locked)
+    if not new:
+        return True
+    taken = (await session.execute(select(Dispute.id).where(Dispute.id.in_(new)).order_by(Dispute.id)
+                                   .with_for_update(skip_locked=True))).scalars().all()
+    return len(taken) == len(new)
 
 
 # What is left of a person's note (a review's, and one after a failure reason's own words: a cancellation, a void, a

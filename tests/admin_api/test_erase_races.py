@@ -1007,3 +1007,57 @@ async def test_a_chargeback_on_a_payment_from_her_number_while_she_is_erased_wit
     assert (payment.status, payment.refunded_minor, payment.mismatch) == ("REFUNDED", 50000, False)
     # The erasure saw the refund open (it is refused for one, as before: erased again, it goes through).
     assert isinstance(erased, Conflict) and "refund(s) still open" in str(erased), erased
+
+
+@requires_pg
+async def test_a_dispute_opened_as_she_is_erased_and_resolved_with_a_chargeback_never_deadlocks(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """As above (a dispute of a payment from her number with no member attached, committed while the erasure waited
+    for the payment, its dispute lock taken before), the officer resolving it by recording the provider's chargeback:
+    her resolution holds the dispute and waits for the payment, which the erasure held while it waited for that
+    dispute (_erase_disputes): a deadlock, one of the two rolled back (503). The erasure now takes a dispute opened so
+    only if it is free, else lets the payments go and takes them again after it: both are done."""
+    from core.money import Money
+    from core.refunds import ReturnedByProvider
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    blocker, officer = rt.sessionmaker(), rt.sessionmaker()
+    try:
+        await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
+        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
+        await waiting_for_locks(rt, 1)
+        async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
+            dispute = Dispute(cooperative_id=paid.cooperative_id, payment_id=paid.id, reference="DSP-RACE-2",
+                              reason="OTHER", status="OPEN", channel="api",
+                              notes=[{"at": "2026-12-07T07:00:00Z", "actor": ADMIN.id, "text": f"for {NAME}"}])
+            s.add(dispute)
+        await officer.begin()  # an officer resolving it: its row locked (core.disputes.move_dispute)
+        await officer.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await officer.execute(select(Dispute.id).where(Dispute.id == dispute.id).with_for_update())
+        await blocker.commit()
+        await waiting_for_locks(rt, 1, done=erasure)  # the erasure, at the dispute (or gone on without it)
+        try:
+            await move_dispute(officer, rt, dispute_id=dispute.id, cooperative_id=None, target="RESOLVED",
+                               actor=ADMIN, note=f"charged back to {NAME}", refund_amount=Money(50000, "RWF"),
+                               returned=ReturnedByProvider("MTN-CB-9"))
+            await officer.commit()
+            resolution: Any = None
+        except Exception as exc:
+            resolution = exc
+        results = [resolution, *(await asyncio.gather(erasure, return_exceptions=True))]
+    finally:
+        await blocker.close()
+        await officer.close()
+    assert results[0] is None and not isinstance(results[1], BaseException), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        stored = await s.get(Dispute, dispute.id)
+        payment = await s.get(Payment, paid.id)
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    assert stored.status == "RESOLVED" and stored.refund_id is not None
+    assert {note["text"] for note in stored.notes} == {"[note erased]"}, stored.notes
+    assert (payment.status, payment.payment_account_masked) == ("REFUNDED", "erased")
