@@ -123,6 +123,59 @@ def limiter_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[LimiterClock]:
     auth_routes.LOCAL_FAILURES.clear()
 
 
+def deadlines_from_the_call(monkeypatch: pytest.MonkeyPatch, *, send: float | None = None,
+                            lookup: float | None = None, worker: float | None = None) -> None:
+    """A job's provider calls given deadlines counted from the moment each starts: a push or refund as it leaves
+    (core.jobs._until_it_leaves) `send` seconds, a status lookup (core.jobs._status_by) `lookup` seconds; and the
+    worker's cut-off (its handler timeout, core.outbox.OutboxWorker.run_job) moved to `worker` seconds from the start
+    of the next call only (the attempts after it keep the real one). Whichever is being tested passes while the call
+    is out.
+
+    Set as budgets from the claim (collect_call_budget, handler_timeout monkeypatched to a second or a few), they
+    also had to cover what the job does before the call: the claim, its reads, a token, the stamp. A slow CI host
+    once spent over 4 s there, and the attempt ended before its request left ("not sent, sent later", or cut off
+    before its stamp) rather than with the request out. Here the job's budget and the worker's handler time stay the
+    tests' own (the 60-s lease's: ample), and only the call has the short ones."""
+    import core.jobs
+    import core.outbox
+
+    cuts: dict[asyncio.Task[Any] | None, asyncio.Timeout] = {}
+
+    class WorkersAsyncio:
+        """core.outbox's `asyncio`, keeping the timeout each task's run_job runs its handler under."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        @staticmethod
+        def timeout(delay: float | None) -> asyncio.Timeout:
+            cuts[asyncio.current_task()] = cut = asyncio.timeout(delay)
+            return cut
+
+    worker_cut = [] if worker is None else [worker]
+    if worker_cut:
+        monkeypatch.setattr(core.outbox, "asyncio", WorkersAsyncio())
+
+    def starting(deadline: float, seconds: float | None) -> float:
+        """The call's deadline, `seconds` from now (and the worker's cut-off, the first time, moved)."""
+        now = asyncio.get_running_loop().time()
+        if worker_cut:
+            cuts[asyncio.current_task()].reschedule(now + worker_cut.pop())
+        return deadline if seconds is None else min(deadline, now + seconds)
+
+    until_it_leaves, status_by = core.jobs._until_it_leaves, core.jobs._status_by
+
+    def until_it_leaves_from_now(name: str, operation: str, request: Any, deadline: float | None = None) -> Any:
+        assert deadline is not None  # the job's own, passed down
+        return until_it_leaves(name, operation, request, starting(deadline, send))
+
+    def status_by_from_now(deadline: float, name: str, operation: str, call: Any) -> Any:
+        return status_by(starting(deadline, lookup), name, operation, call)
+
+    monkeypatch.setattr(core.jobs, "_until_it_leaves", until_it_leaves_from_now)
+    monkeypatch.setattr(core.jobs, "_status_by", status_by_from_now)
+
+
 async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, *,
                             done: asyncio.Task[Any] | None = None) -> None:
     """Until `count` transactions of the test database wait for a lock (PostgreSQL; `wait_event`: of that kind only,

@@ -22,7 +22,7 @@ from providers.mtn_momo.simulator import TRANSACTIONS, create_simulator
 from providers.simulation import STATE, SimulatorOptions
 from tests.admin_api.conftest import Caller, complete_payment, make_payment
 from tests.admin_api.test_retried_key_after_restore import SIM_CREDS
-from tests.conftest import drain
+from tests.conftest import deadlines_from_the_call, drain
 from tests.core.test_provider_faults_mpesa import CHECKOUT, PUSH, QUERY
 from tests.providers.wires import MPESA_BASE, due_now, mpesa_adapter, mpesa_payment, mpesa_wire
 
@@ -249,9 +249,8 @@ async def test_the_watch_after_a_cancel_has_the_calls_deadline(
         return httpx.Response(200, json={})
 
     wire.on("POST", QUERY, hangs)
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 4.0)  # the worker's cut-off
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)  # the call's deadline, inside it
+    # The query's deadline half a second into it, inside the worker's cut-off (the watch's reads before it not counted).
+    deadlines_from_the_call(monkeypatch, lookup=0.5, worker=4.0)
     await due_now(rt, "payment.watch")
     await worker.run_once()
     [watch] = await _watch_jobs(rt, payment.id)

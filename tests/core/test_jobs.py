@@ -12,7 +12,6 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-import core.jobs
 from core.db import utcnow
 from core.jobs import SETTLE_GRACE
 from core.models import OutboxJob, Payment, Refund
@@ -22,7 +21,7 @@ from core.payments import create_payment
 from core.refunds import request_refund
 from core.state.payment import UNCONFIRMED
 from tests.admin_api.conftest import bearer
-from tests.conftest import drain
+from tests.conftest import deadlines_from_the_call, drain
 from tests.providers.wires import (
     ADMIN,
     MPESA_BASE,
@@ -37,9 +36,9 @@ from tests.providers.wires import (
 )
 
 PUSH = "/mpesa/stkpush/v1/processrequest"
-# Where the tests below cut a provider call off (the call budget or the handler timeout): after the token and the
-# reads before the call, which must fit (the call itself hangs 30 s). It was 1.5 s: on a loaded machine those
-# reads can take that long, and the call was then cut before it was sent.
+# The worker's cut-off behind a status query's own deadline, from the query's start (tests.conftest.
+# deadlines_from_the_call: the tests below cut a provider call off counting from the call, not from the claim,
+# whose token and reads before the call a loaded CI host once spent over 4 s on).
 CUT = 4.0
 
 
@@ -197,14 +196,7 @@ async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query
     # The job's budget is ample, so the token, the reads and the stamp before the push are never what runs out on a
     # slow host (a CI run once spent over 4 s there and the attempt was, rightly, "not sent, sent later"); the push
     # itself then has one second from the moment it starts: its deadline is what passes while it is out.
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 60.0)
-    until_it_leaves = core.jobs._until_it_leaves
-
-    def push_deadline(name: str, operation: str, call: Any, deadline: float | None = None) -> Any:
-        assert deadline is not None  # the job's own, passed down
-        return until_it_leaves(name, operation, call, min(deadline, asyncio.get_running_loop().time() + 1.0))
-
-    monkeypatch.setattr("core.jobs._until_it_leaves", push_deadline)
+    deadlines_from_the_call(monkeypatch, send=1.0)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
@@ -222,13 +214,12 @@ async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query
 
 
 async def test_collect_cut_off_by_the_worker_is_not_sent_again(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)  # (started whatever is left of CUT)
+    deadlines_from_the_call(monkeypatch, worker=1.0)  # the worker's cut-off a second into the push
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
+        await asyncio.sleep(30)  # cut off long before, by the worker
         return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
 
     wire.on("POST", PUSH, slow)
@@ -261,9 +252,8 @@ async def test_a_payment_polls_status_query_has_the_calls_deadline(rt, demo, wor
         return httpx.Response(200, json={})
 
     wire.on("POST", "/mpesa/stkpushquery/v1/query", hangs)
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)  # the worker's cut-off
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)  # the call's deadline, inside it
+    # The query's deadline half a second into it, inside the worker's cut-off (the poll's reads before it not counted).
+    deadlines_from_the_call(monkeypatch, lookup=0.5, worker=CUT)
     await due_now(rt, "payment.poll")
     await worker.run_once()
     [poll] = await _jobs(rt, "payment.poll")
@@ -326,12 +316,11 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
     went through. A submit cut off at the handler timeout waits for the provider's word instead."""
     from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _told, airtel_collected
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    deadlines_from_the_call(monkeypatch, worker=1.0)  # the worker's cut-off a second into the call
     wire, payment = await airtel_collected(rt, demo, "key-airtel-cut")
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
+        await asyncio.sleep(30)  # cut off long before, by the worker
         raise AssertionError("cut off before the answer")
 
     wire.on("POST", AIRTEL_REFUND, slow)
@@ -357,12 +346,11 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
 
 async def test_mtn_refund_cut_off_is_settled_by_its_status(rt, demo, worker, monkeypatch):
     """MTN can be asked: the cut-off refund is not sent again, its status query completes it."""
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    deadlines_from_the_call(monkeypatch, worker=1.0)  # the worker's cut-off a second into the call
     wire, _payment, refund = await _mtn_refund(rt, demo)
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
+        await asyncio.sleep(30)  # cut off long before, by the worker
         return httpx.Response(202)
 
     wire.on("POST", "/disbursement/v1_0/refund", slow)
@@ -501,15 +489,14 @@ async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_
     from core.models import Member
     from core.outbox import INTERRUPTED
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    deadlines_from_the_call(monkeypatch, worker=1.0)  # the worker's cut-off a second into the call
     rtp = "/collection/v1_0/requesttopay"
     for first_answer in ("cut off", "5xx"):
         wire = mtn_wire()
         mtn_adapter(rt, wire)
 
         async def slow(_request: httpx.Request) -> httpx.Response:
-            await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
+            await asyncio.sleep(30)  # cut off long before, by the worker
             return httpx.Response(202)
 
         if first_answer == "cut off":

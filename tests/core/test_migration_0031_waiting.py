@@ -45,8 +45,8 @@ async def _after_upgrade(url: str, seeded: list[int] | None = None) -> tuple[dic
     engine = make_engine(url)
     try:
         async with engine.begin() as conn:
-            marked = dict((await conn.execute(select(OutboxJob.id, OutboxJob.after_failure).where(
-                OutboxJob.id.in_(seeded)))).tuples().all())
+            marked = {job_id: after_failure for job_id, after_failure in await conn.execute(
+                select(OutboxJob.id, OutboxJob.after_failure).where(OutboxJob.id.in_(seeded)))}
             listed = list((await conn.execute(select(OutboxJob.id).where(
                 OutboxJob.id.in_(seeded), waiting(datetime.now(UTC))).order_by(OutboxJob.id))).scalars())
             return marked, listed

@@ -44,7 +44,7 @@ from providers.mpesa import MpesaAdapter
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from tests import logscan
 from tests.admin_api.conftest import bearer
-from tests.conftest import drain
+from tests.conftest import deadlines_from_the_call, drain
 from tests.core.test_lost_before_call import ACCEPTED, PUSH, _lease_lapses
 from tests.core.test_provider_faults_mpesa import RECEIPT, REVERSAL, _pushed
 from tests.providers import test_mtn_momo
@@ -418,7 +418,7 @@ async def test_a_push_whose_token_refresh_outlasts_the_deadline_is_sent_later_on
     than the call's deadline: the push the payer would see never left. Before: taken for one that may have arrived
     (the deadline's TimeoutError), asked about by a status poll that cannot ask without a CheckoutRequestID: the payer
     was never prompted. Now NOT_SENT, and the next attempt pushes once."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
+    deadlines_from_the_call(monkeypatch, send=1.0)  # from the push's start: the token before it not counted
     tokens: list[str] = []
 
     async def token(_request: httpx.Request) -> httpx.Response:
@@ -860,10 +860,8 @@ async def test_an_airtel_refund_whose_token_refresh_outlasts_the_deadline_is_sen
     past the worker's cut-off. Before: the refund's call had no deadline of its own, the worker cancelled it
     (INTERRUPTED), and the next try took it for a refund that may have arrived: PROCESSING, parked for a person (Airtel
     cannot be asked). Now the call's deadline (inside the worker's) makes it NOT_SENT; the next try sends it once."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 2.0)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     wire, payment = await airtel_collected(rt, demo, "key-airtel-refund-deadline")
+    deadlines_from_the_call(monkeypatch, send=1.0, worker=2.0)  # from the refund's start
     tokens: list[str] = []
 
     async def token(_request: httpx.Request) -> httpx.Response:
@@ -894,8 +892,8 @@ async def test_an_airtel_refund_still_out_at_the_deadline_waits_for_its_outcome_
         rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The refund itself was handed over and not answered by the call's deadline: it may have been carried out, so
     it waits for its outcome (PROCESSING; Airtel, which cannot be asked, to a person) and is never sent again."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
     wire, payment = await airtel_collected(rt, demo, "key-airtel-refund-out")
+    deadlines_from_the_call(monkeypatch, send=0.5)  # from the refund's start
 
     async def slow(_request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(1.0)  # past the call's deadline (it ends, so nothing is left running)
@@ -918,9 +916,6 @@ async def test_an_mtn_refund_resent_and_still_out_at_the_deadline_counts_as_a_re
     the worker cut the poll off (INTERRUPTED) and retried it, resending at every try, uncounted (REFUND_RESENDS), until
     its 30 attempts parked it as "handler interrupted". Now it counts as a resend that may have arrived: the poll is
     done, and the next one (resent 1) asks the status."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 2.0)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     sent: list[str] = []
 
     async def refund(_request: httpx.Request) -> httpx.Response:
@@ -937,6 +932,9 @@ async def test_an_mtn_refund_resent_and_still_out_at_the_deadline_counts_as_a_re
     refund_row = await _ask_refund(rt, demo, payment, key="refund-resent-out")
     await drain(worker)
     assert (await _rows(rt, refund_row.id, payment.id))[0].status == "PROCESSING"
+    # The resend half a second from its start (the submission, the poll's reads and its lookup before it not
+    # counted); the worker's cut-off, the real one, is no longer what ends it (it ended it before the fix).
+    deadlines_from_the_call(monkeypatch, send=0.5)
     await due_now(rt, "refund.poll")
     await drain(worker)
     stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
@@ -1013,8 +1011,12 @@ async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
     wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", late_not_found)
     refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-resend-late")
     # The poll's call deadline, from here: the submission before it had the usual one (given this one, a slow host
-    # left the refund PENDING, its submission's own call past 1 s).
+    # left the refund PENDING, its submission's own call past 1 s). Its lookup has a deadline of its own, ample (a
+    # slow host's claim and reads before it could use up the second): the resend's, from the claim, has passed.
     monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
+    status_by = core_jobs._status_by
+    monkeypatch.setattr("core.jobs._status_by", lambda _deadline, *call: status_by(
+        asyncio.get_running_loop().time() + 60, *call))
     async with rt.sessionmaker.begin() as s:  # its 29 tries before failed so
         await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=29))
     await drain(worker)
@@ -1035,14 +1037,14 @@ async def test_a_refund_polls_status_lookup_has_the_calls_deadline(
 
     async def unanswered(_request: httpx.Request) -> httpx.Response:
         asked.append("status")
-        await asyncio.sleep(1.0)  # past the call's deadline, counted from the claim
+        await asyncio.sleep(1.0)  # past the lookup's deadline
         return httpx.Response(404, json={"code": "RESOURCE_NOT_FOUND"})
 
     wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", unanswered)
     refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-lookup-late")
-    # The poll's call deadline, from here: the submission before it had the usual one (given this one, a slow host
-    # left the refund PENDING, its submission's own call past 1 s).
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
+    # The lookup's deadline, from here and from its start: the submission before it had the usual one (given this
+    # one, a slow host left the refund PENDING, its submission's own call past 1 s), as the poll's reads before it.
+    deadlines_from_the_call(monkeypatch, lookup=0.3)
     async with rt.sessionmaker.begin() as s:  # its 28 tries before failed so
         await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=28))
     await worker.run_once()

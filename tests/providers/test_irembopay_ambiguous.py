@@ -16,7 +16,7 @@ from core.db import utcnow
 from core.models import OutboxJob, Payment
 from core.payments import NewPayment, create_payment
 from providers.irembopay.adapter import IremboPayAdapter
-from tests.conftest import drain
+from tests.conftest import deadlines_from_the_call, drain
 from tests.providers.wires import ADMIN, Routes, due_now
 
 BASE = "https://irembo.test"
@@ -119,10 +119,10 @@ async def test_push_still_out_at_the_collects_deadline_stores_the_invoice_number
     The invoice number, known before the push, is stored as for a push left unanswered (ProviderTimeout), so the poll
     of any process asks by it. Before: the deadline's TimeoutError carried nothing, and the payment kept no number
     until an answer brought it (a poll in another process asked by our transactionId)."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
+    deadlines_from_the_call(monkeypatch, send=1.0)  # from the call's start: the invoice, then the push
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(1.0)  # past the call's deadline (it ends, so nothing is left running)
+        await asyncio.sleep(2.0)  # past the call's deadline (it ends, so nothing is left running)
         return httpx.Response(200, json={"success": True, "data": {}})
 
     wire = Routes(BASE).on("POST", "/payments/invoices", 201, ANSWER).on("POST", PUSH, slow)

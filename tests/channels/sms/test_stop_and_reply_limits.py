@@ -22,7 +22,7 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import ALINE, first_try_fails_after_its_count, inbound
 from tests.channels.ussd.helpers import AtPhone
-from tests.conftest import drain
+from tests.conftest import LimiterClock, drain
 
 NEWCOMER = "+250788555444"
 # 28 November, 08:00 in Kigali: the demo's Monthly Rent (due day 1) falls due in 3 days (as tests/core/test_reminders).
@@ -255,77 +255,73 @@ async def test_a_member_with_a_foreign_number_gets_replies(
 # ------------------------------------------------------------------------------------------------ reply limits
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    """The rate limiter's clock, moved by the test."""
-    import core.ratelimit
-
-    now = {"t": 1_800_000_000.0}  # a multiple of 600; 1_799_971_200 is a multiple of 86,400
-    monkeypatch.setattr(core.ratelimit.time, "time", lambda: now["t"])
-    return now
+# The limiters' clock is tests.conftest.limiter_clock: held still, and moved by the tests of a window's turn (only
+# the limiters' clock; this process's time.time, which the database, JWTs and logs read, keeps the real time).
+MIDNIGHT = 1_799_971_200.0  # UTC: a multiple of 86,400
+TEN_MINUTES_TURN = 1_800_000_000.0  # a multiple of 600
 
 
 async def test_five_replies_in_ten_minutes_slide_over_the_windows_turn(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any, limiter_clock: LimiterClock
 ) -> None:
     """A fixed window let 5 through in the last second of a window and 5 more in the first of the next."""
-    clock["t"] -= 1
+    limiter_clock.now = TEN_MINUTES_TURN - 1
     for i in range(5):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-a-{i}")
-    clock["t"] += 2
+    limiter_clock.now += 2
     for i in range(5):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-b-{i}")
     # The previous window still weighs 599/600 of its 5 (floored to 4): one more, not five.
     assert len(await jobs_of(rt, "sms.send")) == 6
-    clock["t"] += 5 * 60  # half of the previous window left in: 2 of its 5, and 1 of this one
+    limiter_clock.now += 5 * 60  # half of the previous window left in: 2 of its 5, and 1 of this one
     for i in range(5):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-c-{i}")
     assert len(await jobs_of(rt, "sms.send")) == 8
 
 
 async def test_a_robot_texting_all_day_gets_20_replies_and_one_help(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any, limiter_clock: LimiterClock
 ) -> None:
     """An autoresponder: each of our replies answered within minutes, all day long."""
-    clock["t"] = 1_799_971_200.0  # midnight UTC
+    limiter_clock.now = MIDNIGHT
     for i in range(60):  # every 24 minutes: the 10-minute limit never refuses
         await inbound(sms_client, "+250788999111", "STATUS PAY_20260115_999999", f"robot-{i}")
-        clock["t"] += 24 * 60
+        limiter_clock.now += 24 * 60
     assert len(await jobs_of(rt, "sms.send")) == 20
 
-    clock["t"] = 1_799_971_200.0 + 2 * 86_400
+    limiter_clock.now = MIDNIGHT + 2 * 86_400
     for i in range(30):  # what the robot says is "not understood": the help goes once
         await inbound(sms_client, "+250788999222", "Message not delivered", f"robot-help-{i}")
-        clock["t"] += 120
+        limiter_clock.now += 120
     help_replies = [j for j in await jobs_of(rt, "sms.send") if j.payload["template"] in ("help", "unknown")]
     assert len(help_replies) == 1
 
 
 async def test_a_reply_the_daily_limit_refuses_uses_none_of_the_ten_minutes(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any, limiter_clock: LimiterClock
 ) -> None:
     """Texts the daily limit refuses are counted in no window. Counted in the 10-minute one (which allowed them)
     before the daily one refused them, they refused her next text there, which the daily limit allows: the
     previous day's 20 replies weigh 19 until 72 minutes past midnight, 18 after."""
-    midnight = 1_799_971_200.0
-    clock["t"] = midnight
+    limiter_clock.now = MIDNIGHT
     for i in range(20):  # the day's 20, every 24 minutes: the 10-minute limit never refuses
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"day-{i}")
-        clock["t"] += 24 * 60
-    clock["t"] = midnight + 86_400 + 1
+        limiter_clock.now += 24 * 60
+    limiter_clock.now = MIDNIGHT + 86_400 + 1
     await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "next-day")  # 19 + 0: allowed
-    clock["t"] = midnight + 86_400 + 4_200  # a 10-minute window's start; 19 + 1: refused
+    limiter_clock.now = MIDNIGHT + 86_400 + 4_200  # a 10-minute window's start; 19 + 1: refused
     for i in range(5):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"refused-{i}")
-        clock["t"] += 5
+        limiter_clock.now += 5
     assert len(await jobs_of(rt, "sms.send")) == 21
-    clock["t"] = midnight + 86_400 + 4_330  # 18 + 1: the daily limit allows one more, in the same 10 minutes
+    limiter_clock.now = MIDNIGHT + 86_400 + 4_330  # 18 + 1: the daily limit allows one more, in the same 10 minutes
     await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "allowed")
     assert len(await jobs_of(rt, "sms.send")) == 22
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_the_help_refused_uses_none_of_the_numbers_other_replies(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any
 ) -> None:
     for i in range(3):
         await inbound(sms_client, ALINE, "STAUTS PAY_20260115_999999", f"typo-{i}")
@@ -337,8 +333,9 @@ async def test_the_help_refused_uses_none_of_the_numbers_other_replies(
         assert (await s.get(Member, demo["members"][ALINE])).reminders_opt_out is False
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_help_is_answered_after_a_text_that_was_not_understood(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any
 ) -> None:
     """The "not understood" reply says "Send HELP": the member who does gets the keywords, that day too; HELP
     counts against the number's ordinary limits (5 per 10 minutes), not the once-a-day help."""
@@ -414,8 +411,9 @@ def test_0016_keeps_the_stops_already_sent_for_their_numbers(tmp_path: Any) -> N
         engine.dispose()
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_counted(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first try of a text not understood counted the day's one help and then failed (the database away while
     the reply was queued: a 503, which Africa's Talking retries): its retry gets that help, counted once, instead of
@@ -432,8 +430,9 @@ async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_coun
 
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_retry_of_a_text_refused_a_reply_is_refused_it_again(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+    rt: Any, demo: dict[str, Any], sms_client: Any
 ) -> None:
     """A text's reply verdict is kept by its inbound id, a refusal as much as a consent: the retry of a text the
     limits refused a reply (the day's one help used by an earlier text) gets none either, else every text the
@@ -444,8 +443,9 @@ async def test_a_retry_of_a_text_refused_a_reply_is_refused_it_again(
     assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
 
 
+@pytest.mark.usefixtures("limiter_clock")
 async def test_two_tries_of_a_text_taken_at_once_count_its_reply_once(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The aggregator posts a text again when our answer is slow: its retry can arrive while the first try is still
     at work. Both counted the reply before either kept the text's verdict, so one text used two of her five replies
@@ -480,8 +480,10 @@ async def test_two_tries_of_a_text_taken_at_once_count_its_reply_once(
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"in-next-{i}")
     assert len(await jobs_of(rt, "sms.send")) == 5
 
+
+@pytest.mark.usefixtures("limiter_clock")
 async def test_a_count_kept_by_its_verdict_is_not_lost_when_the_release_befores_keys_cannot_be_written(
-    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The text's reply is counted and its verdict kept by one command (RateLimiter.hit_all_once); writing it again
     as the release before keeps it is a second command. Redis failing between the two skipped the reply though the
