@@ -135,11 +135,26 @@ def deadlines_from_the_call(monkeypatch: pytest.MonkeyPatch, *, send: float | No
     also had to cover what the job does before the call: the claim, its reads, a token, the stamp. A slow CI host
     once spent over 4 s there, and the attempt ended before its request left ("not sent, sent later", or cut off
     before its stamp) rather than with the request out. Here the job's budget and the worker's handler time stay the
-    tests' own (the 60-s lease's: ample), and only the call has the short ones."""
+    tests' own (the 60-s lease's: ample), and only the call has the short ones.
+
+    The deadline the job passes down is checked first: it must be the job's own call deadline (core.jobs'
+    call_deadline: its claim plus core.jobs.collect_call_budget of the worker's lease), else the test fails. A
+    handler that gave its call no deadline of its own, or another one (a far one, the worker's), would otherwise
+    pass: the short deadline here is applied whatever the handler passed."""
+    import time
+
     import core.jobs
     import core.outbox
 
     cuts: dict[asyncio.Task[Any] | None, asyncio.Timeout] = {}
+    running: dict[asyncio.Task[Any] | None, tuple[Any, float]] = {}
+    run_job = core.outbox.OutboxWorker.run_job
+
+    async def run_job_kept(self: Any, job: Any) -> None:
+        running[asyncio.current_task()] = (job, self._lease)
+        await run_job(self, job)
+
+    monkeypatch.setattr(core.outbox.OutboxWorker, "run_job", run_job_kept)
 
     class WorkersAsyncio:
         """core.outbox's `asyncio`, keeping the timeout each task's run_job runs its handler under."""
@@ -157,10 +172,25 @@ def deadlines_from_the_call(monkeypatch: pytest.MonkeyPatch, *, send: float | No
         monkeypatch.setattr(core.outbox, "asyncio", WorkersAsyncio())
 
     def starting(deadline: float, seconds: float | None) -> float:
-        """The call's deadline, `seconds` from now (and the worker's cut-off, the first time, moved)."""
+        """The call's deadline, `seconds` from now (and the worker's cut-off, the first time, moved), once the one
+        the job passed is checked to be its own."""
         now = asyncio.get_running_loop().time()
+        if asyncio.current_task() not in running:
+            pytest.fail("a provider call outside the worker's run_job: deadlines_from_the_call cannot check it")
+        job, lease = running[asyncio.current_task()]
+        # The job's call deadline by the loop's clock (its claim was read from time.monotonic()).
+        own = job.claimed + (now - time.monotonic()) + core.jobs.collect_call_budget(lease)
+        if abs(deadline - own) > 0.25:
+            pytest.fail(f"{job.kind}'s call was given a deadline {deadline - now:.2f} s from now, not the job's own "
+                        f"({own - now:.2f} s from now: core.jobs' call_deadline)")
         if worker_cut:
-            cuts[asyncio.current_task()].reschedule(now + worker_cut.pop())
+            cut = cuts.get(asyncio.current_task())
+            try:
+                if cut is None:
+                    raise RuntimeError("no timeout made")
+                cut.reschedule(now + worker_cut.pop())  # (one not entered, or left: RuntimeError)
+            except RuntimeError as exc:
+                pytest.fail(f"{job.kind}'s handler runs under no handler timeout of the worker's to move ({exc})")
         return deadline if seconds is None else min(deadline, now + seconds)
 
     until_it_leaves, status_by = core.jobs._until_it_leaves, core.jobs._status_by
