@@ -20,7 +20,7 @@ from core.jobs import PARKED_SETTLED, settle_parked_of_ended_payments
 from core.models import OutboxJob, Payment
 from core.outbox import lock_parked, mark_discarded
 from core.payments import create_payment
-from tests.conftest import is_postgres
+from tests.conftest import is_postgres, waiting_for_locks
 from tests.providers.wires import ADMIN, mtn_payment
 
 pytestmark = pytest.mark.skipif(not is_postgres(), reason="row locks: PostgreSQL")
@@ -51,7 +51,10 @@ async def test_a_bulk_discard_and_the_sweep_settling_the_same_parked_jobs_do_not
         held = await lock_parked(discarding, one)
         assert held is not None
         sweeping = asyncio.create_task(settle_parked_of_ended_payments(rt))
-        await asyncio.sleep(0.3)  # the sweep meets the second job first
+        # The sweep has met the second job first: ended, the first skipped (or, before, holding the second and waiting
+        # for the first). Not a fixed 0.3 s, within which a loaded host's sweep had not yet started: the discard then
+        # locked the second job itself, and the test failed with nothing wrong.
+        await waiting_for_locks(rt, 1, done=sweeping)
         second_held = await lock_parked(discarding, two)  # (before: a deadlock, one of the two rolled back)
         mark_discarded(held, "the outage is over; the payment failed")
     assert await asyncio.wait_for(sweeping, 10) == 1  # (before: "deadlock detected", the sweep rolled back)
