@@ -95,7 +95,9 @@ _NOTES = {
                      "row says which of name and unit changed, not their values, shows numbers masked, and "
                      "remindersOptOut before and after when it changed.",
     "erase_member": "For a member who asked to be erased. Only a SUSPENDED member (409 otherwise), none of whose "
-                    "payments or refunds is still PENDING or PROCESSING (409: erase once they settle). Her name, "
+                    "payments or refunds is still PENDING or PROCESSING (409: erase once they settle; 409 "
+                    "CONCURRENT_CHANGE, nothing erased, when disputes of her payments were opened and held by "
+                    "others meanwhile, 3 times over: send it again). Her name, "
                     "unit and number are replaced on her record (\"Erased member\", no unit, phone \"erased\"; "
                     "the number is released as by release-phone); on her payments the account number is cleared "
                     "(paymentAccount no longer finds them; shown as \"erased\") while amounts, references, "

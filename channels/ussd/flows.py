@@ -450,6 +450,10 @@ async def enter(ctx: Ctx, flow: str) -> str:
                 # The dialled extension's cooperative: this phone may well be a member of another one. Pay
                 # registers her only where the cooperative takes members by phone; elsewhere its office does.
                 ctx.data["cn"] = whole(coop.name)
+                if _another_countrys(ctx, coop):
+                    # Not "Choose Pay to register": Pay would refuse her (_registration). Told at once that the
+                    # cooperative cannot take payments from her number, as Pay would tell her.
+                    return "reg_foreign"
                 return "member_not_here" if coop.self_registration else "member_not_here_office"
             return "member_none"
         if coop is not None:
@@ -608,7 +612,9 @@ async def name_entered(ctx: Ctx, name: str) -> str:
     from core.members import create_member
 
     coop = await cooperative(ctx, ctx.data["rc"])
-    if coop is not None and _another_countrys(ctx, coop):  # (a session resumed at the name from before the check)
+    if coop is not None and _another_countrys(ctx, coop):
+        # A session at the name prompt from before the check, on its next hop (one continued is told at once:
+        # resume_continue).
         return "reg_foreign"
     try:
         side_effect_started()
@@ -1490,6 +1496,12 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
         # Left at the reasons: a complaint opened about that payment since (the office's desk, another session) is
         # said at once, as picking the payment says it, not after she chose a reason for nothing.
         return await _dispute_reason_or_open(ctx, str(ctx.data["py"]))
+    if screen == "reg_name" and ctx.data.get("rc"):
+        # Left at the name prompt by a release from before the country check (_registration): a number of another
+        # country is told at once, not after typing her name for nothing (name_entered checks again).
+        coop = await cooperative(ctx, str(ctx.data["rc"]))
+        if coop is not None and _another_countrys(ctx, coop):
+            return "reg_foreign"
     return screen
 
 
