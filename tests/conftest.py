@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from typing import Any
 
 import pytest
@@ -207,15 +207,16 @@ def deadlines_from_the_call(monkeypatch: pytest.MonkeyPatch, *, send: float | No
 
 
 async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, *,
-                            done: asyncio.Task[Any] | None = None) -> None:
+                            done: asyncio.Future[Any] | Collection[asyncio.Future[Any]] | None = None) -> None:
     """Until `count` transactions of the test database wait for a lock (PostgreSQL; `wait_event`: of that kind only,
     e.g. 'advisory'). Read on a new connection each time: pg_stat_activity is read once a transaction.
 
-    With `done`, also ends once that task has ended (a request that, without the lock it should take, went through
-    meanwhile), and never raises: the test's assertions afterwards tell."""
+    With `done` (a task, or several), also ends once one has ended (a request that, without the lock it should take,
+    went through meanwhile), and never raises: the test's assertions afterwards tell."""
     which = " AND wait_event = :event" if wait_event else ""
+    ending = [] if done is None else [done] if isinstance(done, asyncio.Future) else list(done)
     for _ in range(200):
-        if done is not None and done.done():
+        if any(task.done() for task in ending):
             return
         async with rt.engine.connect() as probe:
             waiting = (await probe.execute(text(
@@ -226,6 +227,18 @@ async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, 
         await asyncio.sleep(0.02)
     if done is None:
         raise AssertionError(f"{count} transactions never came to wait for a lock")
+
+
+async def behind_a_lock(rt: Any, *tasks: asyncio.Future[Any], count: int | None = None, sqlite: float = 0.3) -> None:
+    """Until `tasks` wait for the lock another transaction holds, so that a test's "assert not task.done()" and what it
+    commits next test the race: on PostgreSQL until `count` (default: one each) transactions wait for a lock, or one of
+    the tasks has ended (waiting_for_locks). A fixed sleep let a loaded host's task reach the lock only after the
+    holder committed: the test then passed whatever the code locks. SQLite's write lock (busy_timeout, in the
+    driver's thread) is shown nowhere to wait for: there, a fixed `sqlite` seconds."""
+    if is_postgres():
+        await waiting_for_locks(rt, len(tasks) if count is None else count, done=tasks)
+    else:
+        await asyncio.sleep(sqlite)
 
 
 async def cancelled_at(task: asyncio.Task[Any], point: int) -> bool:

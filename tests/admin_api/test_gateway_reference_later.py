@@ -21,7 +21,7 @@ from tests.admin_api.conftest import Caller, idem, payment_body
 from tests.admin_api.test_recorded_payments import _line, _said
 from tests.admin_api.test_refunds_after_restore import SIM_CREDS, _lose_payment, _refund_rows, _settle_refunds
 from tests.admin_api.test_retried_key_after_restore import mtn_simulator
-from tests.conftest import drain, is_postgres
+from tests.conftest import behind_a_lock, drain, is_postgres
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +142,7 @@ async def test_a_reference_taken_at_the_same_moment_is_refused_with_nothing_writ
         await conn.execute(text("UPDATE payments SET provider_reference = :r WHERE id = :i"),
                            {"r": reference, "i": other["id"]})
         answer = asyncio.create_task(admin.req("POST", _url(recorded), json={"gatewayReference": reference}))
-        await asyncio.sleep(0.5)
+        await behind_a_lock(rt, answer)
         assert not answer.done()  # its write waits on the unique index for the other writer
         await conn.commit()
         response = await answer

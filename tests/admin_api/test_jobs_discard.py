@@ -20,7 +20,7 @@ from core.ops import dashboard
 from core.outbox import enqueue, lock_parked, mark_discarded, replay_job
 from core.payments import create_payment
 from core.retention import RetentionPolicy, prune
-from tests.conftest import drain
+from tests.conftest import behind_a_lock, drain
 from tests.providers.wires import ADMIN, completed, due_now, jobs_done, mtn_adapter, mtn_payment, mtn_wire
 
 REASON = "template removed in release 41; the receipt went by hand"
@@ -216,7 +216,7 @@ async def test_a_replay_of_a_job_being_discarded_waits_and_finds_it_discarded(rt
         job = await lock_parked(discarding, job_id)
         assert job is not None
         replaying = asyncio.create_task(replay())
-        await asyncio.sleep(0.3)  # time for the replay to reach the row: it waits there, however long this is
+        await behind_a_lock(rt, replaying)  # the replay has reached the row: it waits there, however long this is
         assert not replaying.done()
         mark_discarded(job, REASON)
     assert await replaying is None

@@ -28,7 +28,7 @@ from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
 from tests.admin_api.test_retried_key_after_restore import _lose, mtn_simulator
-from tests.conftest import drain, requires_pg, waiting_for_locks
+from tests.conftest import behind_a_lock, drain, requires_pg, waiting_for_locks
 from tests.providers.wires import due_now
 
 PROVIDER = Actor("provider:test", "provider")
@@ -266,7 +266,7 @@ async def test_two_completions_of_one_id_at_once_take_turns_and_one_is_flagged(
     first = asyncio.create_task(complete(one["id"], started, go))
     await started.wait()
     second = asyncio.create_task(complete(two["id"], None, None))
-    await asyncio.sleep(0.3)
+    await behind_a_lock(rt, second)
     assert not second.done()  # waiting for the id's lock
     go.set()
     assert (await first, await second) == ("completed", "completed")

@@ -20,7 +20,7 @@ from core.member_import import ImportRejected, import_members
 from core.members import DUPLICATE_PHONE, ERASED_NAME, create_member, erase_member, update_member
 from core.models import Cooperative, Member
 from core.phone import normalize
-from tests.conftest import is_postgres, requires_pg
+from tests.conftest import behind_a_lock, is_postgres, requires_pg
 from tests.core import factories
 
 ADMIN = Actor("admin:test", "api")
@@ -46,7 +46,7 @@ async def test_a_create_racing_an_uncommitted_one_of_the_same_number_is_a_confli
     async with rt.sessionmaker() as second:
         racing = asyncio.create_task(create_member(second, rt.cipher, cooperative_id=coop.id, name="Second",
                                                    phone=normalize(PHONE), actor=ADMIN))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, racing)
         assert not racing.done()  # it waits for the first to finish
         await first.commit()
         await first.close()
@@ -67,7 +67,7 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
     async with rt.sessionmaker() as second:
         # The import's own check runs before the first commits and does not see the number.
         racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=csv, actor=ADMIN))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, racing)
         assert not racing.done()
         await first.commit()
         await first.close()
@@ -90,7 +90,7 @@ async def _sent_again_while_the_first_is_written(rt: Any, again: Callable[[bytes
     async with rt.sessionmaker() as second:
         racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=again(csv),
                                                     actor=ADMIN))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, racing)
         assert not racing.done()
         await first.commit()
         await first.close()
@@ -190,7 +190,7 @@ async def test_an_update_import_racing_an_erasure_never_writes_her_name_back(rt:
                                                     existing="update"))
         await asyncio.wait_for(read.wait(), 60)
         erasure = asyncio.create_task(erase(erasing))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, erasure)
         assert not erasure.done()  # it waits for the import
         go_on.set()
         assert (await racing).updated_ids == [member.id]
@@ -217,7 +217,7 @@ async def test_a_list_sent_twice_with_existing_update_at_once_is_answered_as_a_s
     async with rt.sessionmaker() as second:
         racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=csv, actor=ADMIN,
                                                     existing="update"))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, racing)
         assert not racing.done()
         await first.commit()
         await first.close()
@@ -240,7 +240,7 @@ async def test_an_update_import_racing_a_create_of_its_only_number_is_not_told_i
     async with rt.sessionmaker() as second:
         racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, actor=ADMIN,
                                                     data=f"name,phone\nFirst,{PHONE}\n".encode(), existing="update"))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, racing)
         assert not racing.done()
         await first.commit()
         await first.close()

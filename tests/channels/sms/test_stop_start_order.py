@@ -276,7 +276,9 @@ async def test_a_stop_sent_after_a_start_taken_at_once_ends_opted_out(
         start = asyncio.create_task(_text(sms_client, "START", "at-1", "2026-01-15 10:00:00"))
         await waiting_for_locks(rt, 1)
         stop = asyncio.create_task(_text(sms_client, "STOP", "at-2", "2026-01-15 10:00:02"))
-        await asyncio.sleep(0.3)
+        # The STOP waits for the START (or, unordered, went through meanwhile). After a fixed 0.3 s, a loaded host's
+        # STOP had not reached the lock: it came after the START whatever the code orders, and the test passed.
+        await waiting_for_locks(rt, 2, done=stop)
         await holder.rollback()
     finally:
         await holder.close()

@@ -18,7 +18,7 @@ from core.models import OutboxJob, Payment, UssdSession
 from core.outbox import Job, RetryLater
 from core.phone import normalize
 from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN, FR_AIRTEL, HubtelPhone, nalo
-from tests.conftest import drain, requires_pg
+from tests.conftest import behind_a_lock, drain, requires_pg
 
 
 async def _age(rt: Any, session_id: str, minutes: int) -> None:
@@ -334,7 +334,7 @@ async def test_a_late_end_waiting_on_the_sweeps_lock_is_told_the_sweep_closed_it
         notice = asyncio.create_task(records.record_event(rt, records.SessionEvent(
             aggregator="nalo", session_id="ATUid_race", phone=normalize("+250733000001"), service_code="*384*123#",
             network=None, status="Failed", hops=2, duration_ms=None, cost=None, error="network")))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, late, notice)
         assert not late.done() and not notice.done()  # waiting on the sweep's row locks
     assert await late is True and await notice is True
     race, noticed = await _row(db, "nalo-race"), await _row(db, "ATUid_race")

@@ -19,7 +19,7 @@ from tests.channels.ussd.test_flows_africastalking import EN_MTN, RW_MTN, option
 from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as HUBTEL_EN_MTN
 from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL as HUBTEL_FR_AIRTEL
 from tests.channels.ussd.test_hubtel_nalo_flows import HubtelPhone
-from tests.conftest import requires_pg
+from tests.conftest import behind_a_lock, requires_pg
 
 AT = "africastalking"
 
@@ -226,7 +226,7 @@ async def test_an_end_waiting_on_a_notices_lock_is_told_the_notice_counted(clien
                         .values(status="Failed", error="network"))
         late = asyncio.create_task(records.closed(rt, aggregator=AT, session_id=phone.session_id, hops=3,
                                                   last_screen="home", data={}))
-        await asyncio.sleep(0.3)
+        await behind_a_lock(rt, late)
         assert not late.done()  # waiting on the notice's row lock
     assert await late is True
     row = await _row(db, phone.session_id)
