@@ -215,7 +215,9 @@ async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, 
     went through meanwhile), and never raises: the test's assertions afterwards tell."""
     which = " AND wait_event = :event" if wait_event else ""
     ending = [] if done is None else [done] if isinstance(done, asyncio.Future) else list(done)
-    for _ in range(200):
+    # Up to 30 s (not a count of probes: a loaded host's probes are slow too, and its tasks slower to reach the lock).
+    give_up = asyncio.get_running_loop().time() + 30.0
+    while asyncio.get_running_loop().time() < give_up:
         if any(task.done() for task in ending):
             return
         async with rt.engine.connect() as probe:
