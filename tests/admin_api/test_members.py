@@ -118,7 +118,7 @@ async def test_approval_sends_the_welcome_sms_in_the_member_language(admin, rt, 
         )
         assert sms["message"] == expected, language
     assert sim.messages("+250788666701")[0]["message"].startswith("Murakaza neza!")
-    assert sim.messages("+250788666702")[0]["message"].startswith("Bienvenue!")
+    assert sim.messages("+250788666702")[0]["message"].startswith("Bienvenue ! ")
 
     # Approving again is refused and sends nothing more, before or after the worker runs.
     again = await admin.json("POST", f"/v1/members/{ids[first]}/approve", 409)

@@ -1,7 +1,9 @@
 """French SMS texts (no ç, ê, û: they would force UCS-2 and cost twice as much).
 
 A space before ":", as French writes it and the French USSD screens show it ("Réf : PAY_..."): the SMS wrote "Réf:"
-where the screen she paid on wrote "Réf :". It costs a septet each; refund_failed was reworded to stay one SMS."""
+where the screen she paid on wrote "Réf :". It costs a septet each; refund_failed was reworded to stay one SMS.
+The same space before "!", "?" and ";" ("Bienvenue !"): a plain one, as a non-breaking space is not GSM-7 and would
+make the SMS UCS-2."""
 
 MESSAGES = {
     # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1 234,56: 161 septets, two
@@ -48,7 +50,7 @@ MESSAGES = {
     "payment_reminder": (
         "Rappel : {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer."
     ),
-    "member_approved": "Bienvenue! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
+    "member_approved": "Bienvenue ! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
     "webhook_disabled": "{coop} : le webhook vers {host} est désactivé après {failures} échecs. "
     "Réactivez-le via l'API.",
     "help": "Composez {dial} pour payer. SMS : {kw}RECU <réf>, {kw}STATUT <réf>, {kw}SOLDE, "
@@ -89,7 +91,7 @@ PAYMENT_STATUS = {
     "PARTIALLY_REFUNDED": "payé, remboursé en partie",
     "REFUNDED": "remboursé",
     "VOIDED": "non payé : enregistré par erreur",
-    "UNCONFIRMED": "non confirmé par l'opérateur; si l'argent a été prélevé, il sera confirmé ou remboursé",
+    "UNCONFIRMED": "non confirmé par l'opérateur ; si l'argent a été prélevé, il sera confirmé ou remboursé",
     "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé : votre coopérative le comptera ou vous le remboursera",
 }
 

@@ -398,7 +398,7 @@ async def test_build_member_approved_in_member_language_with_dial(rt: Any, demo:
         )
         assert phone.e164 == "+250733000001" and language == "fr"
         assert body == (
-            "Bienvenue! Votre adhésion à Kigali Heights Housing Cooperative est approuvée. "
+            "Bienvenue ! Votre adhésion à Kigali Heights Housing Cooperative est approuvée. "
             "Pour payer, composez *384*123*123#."
         )
         assert measure(body).encoding == GSM7
@@ -506,6 +506,13 @@ def test_every_phrase_of_every_catalog_is_gsm7(language: str) -> None:
 
     wrong = {key: text for key, text in _texts(CATALOGS[language]).items() if not is_gsm(text)}
     assert not wrong, wrong
+
+
+def test_french_puts_a_plain_space_before_a_colon_exclamation_question_mark_and_semicolon() -> None:
+    """French typography: "Bienvenue !", "l'opérateur ; si ...", "Réf : ..." (the SMS read "Bienvenue!"). A plain
+    space: a non-breaking one is not GSM-7 and would send the SMS as UCS-2."""
+    glued = {key: text for key, text in _texts(CATALOGS["fr"]).items() if re.search(r"[^ ][!?;:]", text)}
+    assert not glued, glued
 
 
 # The values the one-SMS tests measure with: a 30-character cooperative name, a four- to seven-figure amount (GHS

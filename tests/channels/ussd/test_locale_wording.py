@@ -83,3 +83,13 @@ def test_paid_names_the_period_beside_the_type_not_after_a_connective() -> None:
     for language in ("rw", "sw"):
         wrong = [msgid for msgid, text in catalog(language).items() if connective.search(text)]
         assert not wrong, (language, wrong)
+
+
+def test_french_screens_put_a_plain_space_before_a_colon_exclamation_question_mark_and_semicolon() -> None:
+    """French typography, as the French SMS write it: "un SMS ; attendez-le" (the screen read "un SMS; attendez-le"),
+    "Quel paiement ?", "Réf : ...". A plain space: a non-breaking one is not GSM-7, which the screens keep to."""
+    from channels.ussd.i18n import catalog
+
+    glued = {msgid: text for msgid, text in catalog("fr").items() if re.search(r"[^ ][!?;:]", text)}
+    assert not glued, glued
+    assert "un SMS ; attendez-le avant de réessayer." in catalog("fr")["unsettled"]
