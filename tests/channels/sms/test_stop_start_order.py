@@ -8,6 +8,8 @@ it was received): a text older than the last STOP or START taken for the number 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -238,51 +240,62 @@ async def test_a_stop_taken_twice_at_once_and_then_stale_counts_its_reply_once(
     assert await _replies_to_status(rt, sms_client, 5) == (3 if went else 4)
 
 
+@contextlib.asynccontextmanager
+async def _first_held_before_its_commit(monkeypatch: Any) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """The first text to change her membership's flag stops there, before its commit (holding her membership's row
+    and the number's; `reached`) until `go` is set: the text sent after it reads her memberships meanwhile (KEY SHARE
+    does not wait), then waits for the first's locks. Two texts both held behind another transaction's lock on her
+    membership were let go at once, and either took the number's row first: the one sent second, taken first,
+    made the first stale, and the test did not test the second waiting for the first (a second text that wrote the
+    flags it read before the first committed passed, about one run in two)."""
+    from channels.sms import routes
+
+    reached, go, real_record = asyncio.Event(), asyncio.Event(), routes.record
+
+    async def record_then_wait(*args: Any, **kwargs: Any) -> Any:
+        written = await real_record(*args, **kwargs)
+        if kwargs.get("action") == "member.reminders_opt_out" and not reached.is_set():
+            reached.set()
+            await go.wait()
+        return written
+
+    monkeypatch.setattr(routes, "record", record_then_wait)
+    yield reached, go
+
+
 @requires_pg
 async def test_a_stop_and_a_start_taken_at_once_end_in_the_later_ones_state(
-    rt: Any, demo: dict[str, Any], sms_client: Any
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: Any
 ) -> None:
-    """Her STOP is taken first and held before its commit (here: her membership's row locked by another
-    transaction); her START, sent after it, comes in meanwhile and reads her memberships before the STOP commits.
-    Once the STOP commits, the START must still turn her reminders on: on her membership too, though it read it
-    before the STOP set its flag."""
-    holder = rt.sessionmaker()
-    try:
-        await holder.begin()
-        await holder.execute(select(Member).where(Member.id == demo["members"][ALINE]).with_for_update())
+    """Her STOP is taken first and held before its commit; her START, sent after it, comes in meanwhile and reads
+    her memberships before the STOP commits. Once the STOP commits, the START must still turn her reminders on: on
+    her membership too, though it read it before the STOP set its flag."""
+    async with _first_held_before_its_commit(monkeypatch) as (reached, go):
         stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
-        await waiting_for_locks(rt, 1)
+        await asyncio.wait_for(reached.wait(), 30)
         start = asyncio.create_task(_text(sms_client, "START", "at-2", "2026-01-15 10:00:02"))
-        # The START waits for the STOP (or, unordered, went through meanwhile).
-        await waiting_for_locks(rt, 2, done=start)
-        await holder.rollback()
-    finally:
-        await holder.close()
-    await asyncio.gather(stop, start)
+        await waiting_for_locks(rt, 1, done=[stop, start])  # the START waits for the STOP (held: not done)
+        assert not stop.done() and not start.done()
+        go.set()
+        await asyncio.gather(stop, start)
     assert await _state(rt, demo) == (False, False)
 
 
 @requires_pg
 async def test_a_stop_sent_after_a_start_taken_at_once_ends_opted_out(
-    rt: Any, demo: dict[str, Any], sms_client: Any
+    rt: Any, demo: dict[str, Any], sms_client: Any, monkeypatch: Any
 ) -> None:
-    """The other way round: her START (sent first) is held before its commit, her STOP sent after it waits for it,
-    and ends it opted out."""
+    """The other way round: her START (sent first) is held before its commit, her STOP sent after it reads her
+    memberships meanwhile, waits for it, and ends it opted out."""
     await _text(sms_client, "STOP", "at-0", "2026-01-15 09:00:00")
-    holder = rt.sessionmaker()
-    try:
-        await holder.begin()
-        await holder.execute(select(Member).where(Member.id == demo["members"][ALINE]).with_for_update())
+    async with _first_held_before_its_commit(monkeypatch) as (reached, go):
         start = asyncio.create_task(_text(sms_client, "START", "at-1", "2026-01-15 10:00:00"))
-        await waiting_for_locks(rt, 1)
+        await asyncio.wait_for(reached.wait(), 30)
         stop = asyncio.create_task(_text(sms_client, "STOP", "at-2", "2026-01-15 10:00:02"))
-        # The STOP waits for the START (or, unordered, went through meanwhile). After a fixed 0.3 s, a loaded host's
-        # STOP had not reached the lock: it came after the START whatever the code orders, and the test passed.
-        await waiting_for_locks(rt, 2, done=stop)
-        await holder.rollback()
-    finally:
-        await holder.close()
-    await asyncio.gather(stop, start)
+        await waiting_for_locks(rt, 1, done=[start, stop])  # the STOP waits for the START (held: not done)
+        assert not start.done() and not stop.done()
+        go.set()
+        await asyncio.gather(stop, start)
     assert await _state(rt, demo) == (True, True)
 
 
