@@ -206,17 +206,21 @@ def deadlines_from_the_call(monkeypatch: pytest.MonkeyPatch, *, send: float | No
     monkeypatch.setattr(core.jobs, "_status_by", status_by_from_now)
 
 
+LOCK_WAIT_LIMIT = 30.0  # seconds: waiting_for_locks's limit
+
+
 async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, *,
                             done: asyncio.Future[Any] | Collection[asyncio.Future[Any]] | None = None) -> None:
     """Until `count` transactions of the test database wait for a lock (PostgreSQL; `wait_event`: of that kind only,
     e.g. 'advisory'). Read on a new connection each time: pg_stat_activity is read once a transaction.
 
     With `done` (a task, or several), also ends once one has ended (a request that, without the lock it should take,
-    went through meanwhile), and never raises: the test's assertions afterwards tell."""
+    went through meanwhile): the test's assertions afterwards tell. Neither within 30 s raises, `done` or not: the
+    tasks, not there yet, would reach the lock only after the test let it go, and pass whatever the code locks."""
     which = " AND wait_event = :event" if wait_event else ""
     ending = [] if done is None else [done] if isinstance(done, asyncio.Future) else list(done)
     # Up to 30 s (not a count of probes: a loaded host's probes are slow too, and its tasks slower to reach the lock).
-    give_up = asyncio.get_running_loop().time() + 30.0
+    give_up = asyncio.get_running_loop().time() + LOCK_WAIT_LIMIT
     while asyncio.get_running_loop().time() < give_up:
         if any(task.done() for task in ending):
             return
@@ -227,16 +231,17 @@ async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None, 
         if waiting >= count:
             return
         await asyncio.sleep(0.02)
-    if done is None:
-        raise AssertionError(f"{count} transactions never came to wait for a lock")
+    if any(task.done() for task in ending):
+        return
+    raise AssertionError(f"{count} transactions never came to wait for a lock (in 30 s)")
 
 
 async def behind_a_lock(rt: Any, *tasks: asyncio.Future[Any], count: int | None = None, sqlite: float = 0.3) -> None:
     """Until `tasks` wait for the lock another transaction holds, so that a test's "assert not task.done()" and what it
     commits next test the race: on PostgreSQL until `count` (default: one each) transactions wait for a lock, or one of
-    the tasks has ended (waiting_for_locks). A fixed sleep let a loaded host's task reach the lock only after the
-    holder committed: the test then passed whatever the code locks. SQLite's write lock (busy_timeout, in the
-    driver's thread) is shown nowhere to wait for: there, a fixed `sqlite` seconds."""
+    the tasks has ended (waiting_for_locks; neither within 30 s fails the test). A fixed sleep let a loaded host's
+    task reach the lock only after the holder committed: the test then passed whatever the code locks. SQLite's write
+    lock (busy_timeout, in the driver's thread) is shown nowhere to wait for: there, a fixed `sqlite` seconds."""
     if is_postgres():
         await waiting_for_locks(rt, len(tasks) if count is None else count, done=tasks)
     else:
