@@ -21,6 +21,7 @@ from channels.ussd import cache, funnel, records, sessions
 from channels.ussd.engine import LINE, MIN_NAME, Ctx, Ended, Invalid, Item, Name, cut_name, fit_names
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
+from core import gsm
 from core.audit import Actor
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
@@ -1306,9 +1307,15 @@ def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> st
     """One line of the list, within the engine's LINE with its number: a line too long shortens the payment type's
     name, then the status, never the reference (what she quotes to complain or to ask for a receipt by SMS; cut at
     the end, "Imeshindwa, pesa imekatwa PAY_20261202_1.." lost it)."""
-    args = {"amount": _amount(ctx, payment), "type": type_name, "status": ctx.t(f"status.{_shown(payment)}"),
+    shown, room = _shown(payment), LINE - len(f"{number}. ")
+    args = {"amount": _amount(ctx, payment), "type": type_name, "status": ctx.t(f"status.{shown}"),
             "ref": payment.reference}
-    return fit_names(ctx, "my.line", LINE - len(f"{number}. "), args, then=("status",)) or ctx.t("my.line", **args)
+    # A status too long to stand beside the whole type takes the list's own short form (status.<S>.short, where the
+    # language has a shorter one) before the type is shortened: Swahili "Haikuthibitishwa kwa wakati" beside
+    # "KES 12,345.00" cut "Monthly Rent" to "Monthly..". The detail, with a line of its own, keeps the whole one.
+    beside = room - (gsm.length(ctx.t("my.line", **args)) - gsm.length(args["status"]))
+    args["status"] = ctx.t_fit(f"status.{shown}", beside)
+    return fit_names(ctx, "my.line", room, args, then=("status",)) or ctx.t("my.line", **args)
 
 
 async def payment_chosen(ctx: Ctx, payment_id: str) -> str:

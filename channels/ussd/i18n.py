@@ -30,10 +30,15 @@ def has(lang: str | None, msgid: str) -> bool:
 
 
 def translate_fit(lang: str | None, msgid: str, room: int, **args: Any) -> str:
-    """The message, or its `.short` variant when the full one does not fit in `room` septets."""
+    """The message, or its `.short` variant when the full one does not fit in `room` septets, or its `.shorter` one
+    (where it has one) when neither does: the payment detail's short form keeps the payment type, and only the
+    shorter drops it (one short form without it dropped the type on Nalo as soon as the labels did not fit)."""
     text = translate(lang, msgid, **args)
-    if length(text) > room and has(lang, msgid + ".short"):
-        return translate(lang, msgid + ".short", **args)
+    for variant in (".short", ".shorter"):
+        if length(text) <= room:
+            break
+        if has(lang, msgid + variant):
+            text = translate(lang, msgid + variant, **args)
     return text
 
 
