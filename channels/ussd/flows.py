@@ -595,6 +595,13 @@ async def validate_code(ctx: Ctx, text: str) -> str:
 async def code_entered(ctx: Ctx, coop_id: str) -> str:
     coop = await cooperative(ctx, coop_id)
     assert coop is not None
+    return _joining(ctx, coop)
+
+
+def _joining(ctx: Ctx, coop: CoopRow) -> str:
+    """What a number that is no member is shown on choosing this cooperative: its name prompt, or why not. Also
+    for a session at the name prompt continued or answered after the cooperative was suspended or stopped taking
+    members by phone (create_member checks neither: she was taken in PENDING)."""
     if coop.status != "ACTIVE":
         # Its code exists ("no cooperative has this code" had her try it again and again): it takes no payments
         # or members now. No more is told (not its name, not why).
@@ -613,10 +620,10 @@ async def name_entered(ctx: Ctx, name: str) -> str:
     from core.members import create_member
 
     coop = await cooperative(ctx, ctx.data["rc"])
-    if coop is not None and _another_countrys(ctx, coop):
-        # A session at the name prompt from before the check, on its next hop (one continued is told at once:
-        # resume_continue).
-        return "reg_foreign"
+    if coop is not None and (refused := _joining(ctx, coop)) != "reg_name":
+        # A session at the name prompt from before the country check, or of a cooperative suspended or closed to
+        # registration by phone since, on its next hop (one continued is told at once: resume_continue).
+        return refused
     try:
         side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:
@@ -1504,11 +1511,12 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
         # said at once, as picking the payment says it, not after she chose a reason for nothing.
         return await _dispute_reason_or_open(ctx, str(ctx.data["py"]))
     if screen == "reg_name" and ctx.data.get("rc"):
-        # Left at the name prompt by a release from before the country check (_registration): a number of another
-        # country is told at once, not after typing her name for nothing (name_entered checks again).
+        # Left at the name prompt by a release from before the country check (_registration), or of a cooperative
+        # suspended or closed to registration by phone since: told at once what the code typed now would tell her,
+        # not after typing her name for nothing (name_entered checks again).
         coop = await cooperative(ctx, str(ctx.data["rc"]))
-        if coop is not None and _another_countrys(ctx, coop):
-            return "reg_foreign"
+        if coop is not None:
+            return _joining(ctx, coop)
     return screen
 
 
