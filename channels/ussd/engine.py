@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.ussd.i18n import translate, translate_fit
+from channels.ussd.i18n import SHORT, VARIANTS, translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
 from core import gsm
 from core.errors import DomainError
@@ -81,8 +81,8 @@ class Ctx:
         """An amount as the session's language writes numbers ('50,000 RWF'; French '50 000 RWF')."""
         return amount.format(self.state.lang)
 
-    def t_fit(self, msgid: str, room: int, **args: Any) -> str:
-        return translate_fit(self.state.lang, msgid, room, **args)
+    def t_fit(self, msgid: str, room: int, *, variants: tuple[str, ...] = VARIANTS, **args: Any) -> str:
+        return translate_fit(self.state.lang, msgid, room, variants=variants, **args)
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,16 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
     """The message within `room` septets, its free-text names (a payment type's, a cooperative's, a person's)
     shortened as far as MIN_NAME characters if need be, then the arguments `then` names, in their order; None
     when even that does not fit (`or_cut`: that shortest text cut at its end, so what comes first stays whole). The
-    common case, a message that fits, costs one translation."""
-    text = ctx.t_fit(msgid, room, **args)
+    common case, a message that fits, costs one translation. A message's `.shorter` form (what drops a name the
+    `.short` one keeps: the payment detail's type) is taken only when the names at their shortest do not fit: it
+    dropped a 29-character payment type on Nalo where "Security and mai.." fitted."""
+    text = ctx.t_fit(msgid, room, variants=SHORT, **args)
     if gsm.length(text) <= room:
         return text
     full = {k: " ".join(v.split()) for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
     cutters = {k: v.cut for k, v in args.items() if k in full and isinstance(v, Name)}
     sizes = {k: len(v) for k, v in full.items()}
+    cut: dict[str, str] = {}
     for names in [list(full), *([k] for k in then if isinstance(args.get(k), str))]:
         for key in names:
             full.setdefault(key, args[key])
@@ -227,19 +230,24 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
             for key in names:
                 sizes[key] = min(sizes[key], level)
             cut = {k: cutters[k](sizes[k]) if k in cutters else cut_name(v, sizes[k]) for k, v in full.items()}
-            text = ctx.t_fit(msgid, room, **{**args, **cut})
+            text = ctx.t_fit(msgid, room, variants=SHORT, **{**args, **cut})
     if gsm.length(text) <= room:
         return text
+    # The shortest form, its names whole, else as shortened (the same text as above for a message without one).
+    for shortest in (args, {**args, **cut}):
+        text = ctx.t_fit(msgid, room, **shortest)
+        if gsm.length(text) <= room:
+            return text
     return fit(text, room) if or_cut else None
 
 
 def _title(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str:
     """A menu's title or an input's prompt within `room`: its names shortened (fit_names) when it would not fit,
     else as translate_fit gives it. The common case, a title that fits, is one translation."""
-    text = ctx.t_fit(msgid, room, **args)
-    if args and gsm.length(text) > room:
-        return fit_names(ctx, msgid, room, args) or text
-    return text
+    text = ctx.t_fit(msgid, room, variants=SHORT, **args)
+    if gsm.length(text) <= room:
+        return text
+    return (fit_names(ctx, msgid, room, args) if args else None) or ctx.t_fit(msgid, room, **args)
 
 
 def _level(sizes: list[int], over: int) -> int:

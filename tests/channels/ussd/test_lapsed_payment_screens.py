@@ -80,3 +80,30 @@ async def test_nalos_english_detail_keeps_the_payment_type(operator: Caller, cli
     assert detail[:3] == [payment.reference, "Monthly Rent: GHS 1,234.56", "Not approved in time"], detail
     assert re.fullmatch(r"\d\d/\d\d/\d{4}", detail[3]) and detail[4:] == [
         "1. Send status by SMS", "0. Back", "00. Home"], detail
+
+
+async def test_nalos_detail_shortens_a_long_payment_type_rather_than_dropping_it(operator: Caller, client: Any,
+                                                                                  rt: Any) -> None:
+    """The detail's short form with the type did not fit beside a 29-character type, and the shorter form (no type
+    at all) was taken before the type was shortened, though "Security and mai..: GHS 1,234.56" leaves the screen
+    room (the list beside it shows "Security and maintena.."): names are shortened where the screen has no room for
+    them whole, not dropped."""
+    coop = await operator.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Umoja Housing", "shortCode": "U8", "country": "GH", "ussdExtension": "8"})
+    await operator.json("POST", "/v1/payment-types", 201, json={
+        "name": "Security and maintenance levy", "amount": "1234.56", "cooperativeId": coop["id"]})
+    await operator.json("POST", "/v1/members", 201, json={"name": "Kwame Mensah", "phone": KWAME,
+                                                          "language": "en", "cooperativeId": coop["id"]})
+    await nalo(client, "nalo-levy-1", "*384*123*8#", True, KWAME)
+    await nalo(client, "nalo-levy-1", "1", False, KWAME)  # Pay
+    await nalo(client, "nalo-levy-1", "1", False, KWAME)  # the levy
+    assert (await nalo(client, "nalo-levy-1", "1", False, KWAME))["MSG"].startswith("Approve the prompt")
+    payment = await _lapsed(rt)
+    await nalo(client, "nalo-levy-2", "*384*123*8#", True, KWAME)
+    await nalo(client, "nalo-levy-2", "2", False, KWAME)  # My payments
+    screen = (await nalo(client, "nalo-levy-2", "1", False, KWAME))["MSG"]
+    detail = screen.split("\n")
+    assert len(screen) <= 120, screen
+    assert detail[0] == payment.reference and detail[2] == "Not approved in time", detail
+    assert re.fullmatch(r"Security and m[a-z ]*\.\.: GHS 1,234\.56", detail[1]), detail
+    assert detail[4:] == ["1. Send status by SMS", "0. Back", "00. Home"], detail
