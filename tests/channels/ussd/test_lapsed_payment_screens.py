@@ -54,7 +54,7 @@ async def test_the_swahili_list_keeps_the_type_whole_beside_a_long_amount(operat
     await phone.dial()
     listing = await phone.send("2")
     assert listing == ("CON Malipo yako ya karibuni:\n"
-                       f"1. 12,345.00 KES Monthly Rent Hukuthibitisha kwa wakati {payment.reference}\n0. Rudi")
+                       f"1. 12,345.00 KES Monthly Rent Muda wa idhini umeisha {payment.reference}\n0. Rudi")
     # The detail has a line for the status: the whole wording, the SMS's ("hayakuthibitishwa kwa wakati").
     detail = (await phone.send("1")).split("\n")
     assert detail[:4] == ["CON " + payment.reference, "Monthly Rent: 12,345.00 KES",
