@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from channels.sms import simulator
 from channels.sms.jobs import message_key, message_keys
 from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender
 from channels.sms.simulator import STATE, SimulatorState, create_simulator
@@ -23,6 +24,21 @@ from core.outbox import Job
 _REFERENCES = itertools.count(uuid.uuid4().int % 10**6)
 
 SIM_KEY = "sim-test-key"
+
+
+def hold_reports(monkeypatch: Any) -> asyncio.Event:
+    """The simulator's delivery reports wait for the returned event (the test sets it once it has read the row as
+    the send left it, SENT), then go after their delivery_delay. A fixed delay alone (1 s) let a loaded host's report
+    reach the row before the test read it (found DELIVERED, not SENT: a CI run failed though the gateway did right)."""
+    release = asyncio.Event()
+    post = simulator._post_report
+
+    async def held(state: SimulatorState, entry: dict[str, Any], status: str, reason: str | None) -> None:
+        await asyncio.wait_for(release.wait(), 60)
+        await post(state, entry, status, reason)
+
+    monkeypatch.setattr(simulator, "_post_report", held)
+    return release
 
 
 async def start_simulator(aiohttp_server: Any, rt: Any, **options: Any) -> tuple[Any, SimulatorState]:

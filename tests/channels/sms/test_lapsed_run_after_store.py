@@ -17,7 +17,7 @@ from sqlalchemy import select
 from core.models import AuditEvent, SmsMessage
 from core.state.sms import SENT_UNCONFIRMED
 from tests.channels.sms.conftest import gateway_app
-from tests.channels.sms.helpers import jobs_of, stalled_run, start_simulator
+from tests.channels.sms.helpers import hold_reports, jobs_of, stalled_run, start_simulator
 from tests.channels.sms.test_send_faults import ALINE, queue_receipt, the_row
 
 
@@ -53,9 +53,9 @@ async def test_a_stalled_run_that_sends_after_its_job_was_taken_over_records_wha
     in her inbox, and the row says SENT with its id, then DELIVERED (or FAILED) by the simulator's report for that
     id, posted to the gateway over HTTP."""
     gateway = await aiohttp_server(gateway_app(rt))
-    # The report a second after the send: posted sooner (0.05 s), it could reach the row before the read below on a
-    # busy machine (found DELIVERED, not SENT: the test failed though the gateway did right).
-    _, sim = await start_simulator(aiohttp_server, rt, delivery_delay=1.0,
+    # The report held until the row is read as the send left it (a fixed delay let a loaded host's report come first).
+    reports = hold_reports(monkeypatch)
+    _, sim = await start_simulator(aiohttp_server, rt,
                                    delivery_url=str(gateway.make_url("/sms/africastalking/delivery")))
     if failure:
         sim.set_failure(failure, number=ALINE)
@@ -73,6 +73,7 @@ async def test_a_stalled_run_that_sends_after_its_job_was_taken_over_records_wha
     row = await the_row(rt)
     assert (row.status, row.provider_message_id, row.provider_status, row.failure_reason, row.cost) == (
         "SENT", went["id"], "Success", None, "RWF 20.0000")
+    reports.set()
     await _reported(sim, 1)
     row = await the_row(rt)
     final = ("FAILED", "Failed") if failure else ("DELIVERED", "Success")

@@ -25,7 +25,7 @@ from core.models import AuditEvent, Member, OutboxJob
 from core.state.sms import SENT_UNCONFIRMED
 from tests.admin_api.conftest import bearer
 from tests.channels.sms.conftest import gateway_app
-from tests.channels.sms.helpers import jobs_of, stalled_run, start_simulator
+from tests.channels.sms.helpers import hold_reports, jobs_of, stalled_run, start_simulator
 from tests.channels.sms.test_send_faults import ALINE, queue_receipt, the_row
 from tests.conftest import drain, requires_pg
 
@@ -91,7 +91,8 @@ async def test_a_send_out_when_her_erasure_or_release_commits_is_recorded_sent_w
     Before, the row said FAILED "not sent: member_erased" (or phone_released) though she had the text, and its report
     found no row."""
     gateway = await aiohttp_server(gateway_app(rt))
-    _, sim = await start_simulator(aiohttp_server, rt, delivery_delay=1.0,
+    reports = hold_reports(monkeypatch)  # until the row is read as the send left it
+    _, sim = await start_simulator(aiohttp_server, rt,
                                    delivery_url=str(gateway.make_url("/sms/africastalking/delivery")))
     await queue_receipt(rt, demo)
     out, go = _hold_the_answer(rt, monkeypatch)
@@ -116,6 +117,7 @@ async def test_a_send_out_when_her_erasure_or_release_commits_is_recorded_sent_w
             "", "", "")
     assert await _actions(rt, row.id) == ["sms.failed", "sms.confirmed"]
     assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DONE"]
+    reports.set()
     row = await _reported(rt, sim, 1, "DELIVERED")
     assert (row.provider_message_id, [r["answer"] for r in sim.reports_posted]) == (went["id"], ["200"])
     assert len(sim.messages(ALINE)) == 1
