@@ -908,7 +908,8 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
                                           .order_by(Payment.id).with_for_update())).scalars().all()
         if savepoint is None:
             break
-        if open_before or await _disputes_opened_since_free(session, of_hers, locked):
+        if open_before or await disputes_free_since(
+                session, select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id).where(of_hers), locked):
             await savepoint.commit()
             break
         await savepoint.rollback()
@@ -927,11 +928,12 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
                        "erase the member once they have settled", code=INVALID_STATE)
 
 
-async def _disputes_opened_since_free(session: AsyncSession, of_hers: Any, locked: Sequence[str]) -> bool:
-    """Under the payments' locks: the disputes of her payments opened since `locked` were (_refuse_open_money), taken
-    without waiting (SKIP LOCKED); False if another transaction holds one."""
-    new = set((await session.execute(select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id)
-                                     .where(of_hers))).scalars().all()) - set(locked)
+async def disputes_free_since(session: AsyncSession, disputes: Any, locked: Sequence[str]) -> bool:
+    """Under the payments' locks: the disputes `disputes` (a select of their ids) finds beyond `locked` (those opened
+    since the disputes' locks were taken), taken without waiting (SKIP LOCKED); False if another transaction holds
+    one. The check of the let-go-and-retake pattern of _refuse_open_money and core.refunds.
+    _lock_disputes_then_payment: waiting for such a dispute while holding a payment inverts the lock order."""
+    new = set((await session.execute(disputes)).scalars().all()) - set(locked)
     if not new:
         return True
     taken = (await session.execute(select(Dispute.id).where(Dispute.id.in_(new)).order_by(Dispute.id)

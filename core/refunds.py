@@ -37,7 +37,7 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.members import ACCOUNT_NOT_KNOWN, number_came_since, number_history
+from core.members import ACCOUNT_NOT_KNOWN, disputes_free_since, number_came_since, number_history
 from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import changed_at, notice_jobs
@@ -181,10 +181,12 @@ async def request_refund(
     if not holds_money(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}",
                                 code=INVALID_STATE)
+    available: Money | None = None  # what is left to refund, read once
     if returned is None:
         if amount is not None and amount.currency != payment.currency:
             raise ValidationError(f"refund must be in {payment.currency}", field="amount")
-        if not (await refundable(session, payment)).is_positive():
+        available = await refundable(session, payment)
+        if not available.is_positive():
             # Whatever the amount asked for (or all that is left), and before the refusals below that tell how to
             # get the money back (the paying number not known, the member erased, a request the provider never
             # had): all of it is back, or on its way, and those sent the admin to have it sent back again.
@@ -211,7 +213,8 @@ async def request_refund(
     else:
         # First: one reversal recorded twice is that (409), whatever is left to record of the payment.
         await _reversal_not_recorded(session, payment, returned)
-    available = await refundable(session, payment)
+    if available is None:
+        available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
@@ -787,12 +790,8 @@ async def _lock_disputes_then_payment(session: AsyncSession, refund: Refund) -> 
         locked = await _lock_disputes_noted(session, refund)
         payment = await lock_row(session, Payment, refund.payment_id)
         assert payment is not None
-        new = set((await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id))
-                   ).scalars().all()) - set(locked)
-        taken = [] if not new else (await session.execute(
-            select(Dispute.id).where(Dispute.id.in_(new)).order_by(Dispute.id).with_for_update(skip_locked=True))
-        ).scalars().all()
-        if len(taken) == len(new):
+        if await disputes_free_since(session, select(Dispute.id).where(Dispute.payment_id == refund.payment_id),
+                                     locked):
             await savepoint.commit()
             return payment  # type: ignore[no-any-return]
         await savepoint.rollback()
