@@ -66,6 +66,17 @@ async def _release(rt: Any, demo: dict[str, Any]) -> None:
         await release_phone(session, await _suspended(session, demo["members"][ALINE]), actor=ADMIN)
 
 
+async def _while_out(worker: Any, out: asyncio.Event, go: asyncio.Event, action: Any) -> None:
+    """The worker's run of the receipt's job, its request out (`out` set) while `action` (awaited) commits; then its
+    answer let through (`go`) and the run ended."""
+    [job] = await worker.claim()
+    run = asyncio.create_task(worker.run_job(job))
+    await asyncio.wait_for(out.wait(), 30)
+    await action
+    go.set()
+    await run
+
+
 async def _actions(rt: Any, sms_id: str) -> list[str]:
     async with rt.sessionmaker() as session:
         return list((await session.execute(select(AuditEvent.action).where(AuditEvent.entity_id == sms_id)
@@ -140,12 +151,7 @@ async def test_a_send_out_when_her_erasure_commits_whose_answer_is_lost_is_recor
 
     monkeypatch.setattr(rt.http, "send", http_send)
     await queue_receipt(rt, demo)
-    [job] = await worker.claim()
-    run = asyncio.create_task(worker.run_job(job))
-    await asyncio.wait_for(out.wait(), 30)
-    await _erase(rt, demo)
-    go.set()
-    await run
+    await _while_out(worker, out, go, _erase(rt, demo))
     assert len(sim.messages(ALINE)) == 1
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.provider_message_id, row.phone_enc, row.body) == (
@@ -194,12 +200,7 @@ async def test_a_send_out_when_her_erasure_commits_that_is_refused_stays_not_sen
     sim.set_failure("InvalidPhoneNumber", number=ALINE)
     await queue_receipt(rt, demo)
     out, go = _hold_the_answer(rt, monkeypatch)
-    [job] = await worker.claim()
-    run = asyncio.create_task(worker.run_job(job))
-    await asyncio.wait_for(out.wait(), 30)
-    await _erase(rt, demo)
-    go.set()
-    await run
+    await _while_out(worker, out, go, _erase(rt, demo))
     row = await the_row(rt)
     assert (row.status, row.failure_reason, row.provider_message_id) == ("FAILED", "not sent: member_erased", None)
     assert sim.messages(ALINE) == []
@@ -359,12 +360,7 @@ async def test_a_send_out_when_her_erasure_or_release_commits_whose_outcome_writ
         raise ConnectionResetError("database went away")
 
     monkeypatch.setattr(SmsJobs, "_confirm", db_away)
-    [job] = await worker.claim()
-    run = asyncio.create_task(worker.run_job(job))
-    await asyncio.wait_for(out.wait(), 30)
-    await (_erase if action == "erasure" else _release)(rt, demo)
-    go.set()
-    await run
+    await _while_out(worker, out, go, (_erase if action == "erasure" else _release)(rt, demo))
     [went] = sim.messages(ALINE)
     [pending] = await jobs_of(rt, "sms.send")
     assert pending.status == "PENDING" and "AT accepted it" in pending.last_error
