@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import USSD_AGGREGATORS, ConfigError, Settings, load_settings, local_url
+from core.config import USSD_AGGREGATORS, ConfigError, Settings, check_worker_base_url, load_settings, local_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -779,8 +779,12 @@ def main(argv: list[str] | None = None) -> int:
         from channels.ussd.dial import default_url, run
 
         phone = _dial_phone(args)
-        return run(args.code, phone, args.url or default_url(), args.secret, aggregator=args.aggregator,
-                   allow_remote=args.allow_remote)
+        try:
+            url = args.url or default_url()
+        except ConfigError as exc:  # HOST as `serve` refuses it (HOST=[::1]), said as `serve` says it
+            print(str(exc), file=sys.stderr)
+            return 2
+        return run(args.code, phone, url, args.secret, aggregator=args.aggregator, allow_remote=args.allow_remote)
     if args.command == "simulate":
         from core import logs
 
@@ -794,7 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("SIMULATORS_IN_PROCESS", "1")
     try:
         settings = load_settings()
-        metrics_port = _metrics_port(args.metrics_port) if args.command == "worker" else 0
+        metrics_port = 0
+        if args.command == "worker":
+            check_worker_base_url(settings)
+            metrics_port = _metrics_port(args.metrics_port)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

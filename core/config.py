@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ipaddress
 import math
 import os
 import re
@@ -807,13 +809,57 @@ def _missing_in_production(env: Mapping[str, str], used: tuple[str, ...] = PROVI
 DARAJA_REFUSED_IN_URLS = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
 
 
-def _daraja_accepts(variable: str, value: str) -> None:
+def _daraja_accepts(variable: str, value: str, derived_url: str = "") -> None:
     """Raise ConfigError naming `variable` when its value, part of every URL M-Pesa is given to call back on, holds a
-    word Daraja refuses: every STK push and reversal would be refused ("Invalid CallBackURL")."""
+    word Daraja refuses: every STK push and reversal would be refused ("Invalid CallBackURL"). `derived_url`: the
+    unset PUBLIC_BASE_URL `variable` (HOST) made, said with the other way out (setting it)."""
     word = DARAJA_REFUSED_IN_URLS.search(value)
     if word:
+        where = (f"the unset PUBLIC_BASE_URL is {derived_url} (HOST and PORT): set PUBLIC_BASE_URL to the address "
+                 "M-Pesa is to call back on, or change HOST" if derived_url else "it is in the URL")
         raise ConfigError(variable, f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS (Daraja refuses "
-                                    "callback URLs with 'mpesa' or 'safaricom' in them, and it is in the URL)")
+                                    f"callback URLs with 'mpesa' or 'safaricom' in them, and {where})")
+
+
+def listen_host(env: Mapping[str, str]) -> str:
+    """HOST, the address `serve` (and a worker's metrics port) listens on: 127.0.0.1 unset or blank (HOST=' ' from a
+    template). Refused (ConfigError naming HOST) unless it is one address or name a URL can hold, the unset
+    PUBLIC_BASE_URL being http://HOST:PORT; `dial` reads it so too (channels.ussd.dial.default_url)."""
+    host = _get(env, "HOST", "127.0.0.1").strip() or "127.0.0.1"
+    bracketed = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+    with contextlib.suppress(ValueError):
+        if bracketed and ipaddress.ip_address(bracketed).version == 6:
+            # A URL's way of writing it (http://[::1]:8080): the listener looked the brackets up as a name ("Name or
+            # service not known"), `dial` said "Invalid IPv6 address: '[[::1]]'".
+            raise ConfigError("HOST", f"must be the address without brackets: HOST={bracketed} (a URL writes it "
+                                      f"{host}, and the gateway's own URLs do)")
+    # A URL or two addresses (whitespace, /, @), or what no URL's host can be (localhost:8090, gateway#1, [::1):
+    # PUBLIC_BASE_URL unset was "is not a URL", a variable nobody set.
+    refused = any(c.isspace() or c in "/@" for c in host)
+    try:
+        _url({}, "HOST", local_url(host, 8080), ("http",))
+    except ConfigError:
+        refused = True
+    if refused:
+        raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or 0.0.0.0, "
+                                  f"not {host!r}")
+    return host
+
+
+def check_worker_base_url(settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError (PUBLIC_BASE_URL) for a worker whose unset PUBLIC_BASE_URL its HOST made other than the
+    default's (http://127.0.0.1:PORT). A worker listens on HOST only for its metrics: given another HOST for them
+    (10.0.0.5, ::) it gave providers callback URLs, and called the in-process simulators, where `serve` did not
+    listen. It cannot know serve's HOST, so it takes none but the default's (HOST unset, 127.0.0.1, 0.0.0.0).
+    Production requires PUBLIC_BASE_URL set anyway."""
+    env = os.environ if env is None else env
+    default = local_url("127.0.0.1", settings.port)
+    if _get(env, "PUBLIC_BASE_URL", "") or settings.public_base_url == default:
+        return
+    raise ConfigError("PUBLIC_BASE_URL", f"is unset, and a worker would take it from its HOST: "
+                                         f"{settings.public_base_url}, where `serve` listens only if its HOST is "
+                                         "the same (a worker listens on HOST for its metrics only): set "
+                                         "PUBLIC_BASE_URL to the address `serve` listens on")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -835,30 +881,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     port = _int(env, "PORT", 8080, minimum=1)
     if port > 65535:
         raise ConfigError("PORT", "must be at most 65535")
-    host = _get(env, "HOST", "127.0.0.1").strip() or "127.0.0.1"  # HOST=' ' is unset, as an empty one is
-    if any(c.isspace() or c in "/@" for c in host):  # a URL or two addresses: it is an address or a name
-        raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or 0.0.0.0, "
-                                  f"not {host!r}")
+    host = listen_host(env)
     # Unset, where this process listens: HOST=127.0.0.2 (or an interface's address) made the default
     # http://127.0.0.1:PORT, where nothing listened, and the in-process simulators' calls, their callbacks and `run`'s
     # banner all went there.
-    if _get(env, "PUBLIC_BASE_URL", ""):
-        public_base_url = _url(env, "PUBLIC_BASE_URL", "", ("http", "https"))
-        if "mpesa" in used:
-            _daraja_accepts("PUBLIC_BASE_URL", public_base_url)
-    else:
-        # Derived from HOST: its mistakes are HOST's (HOST=[::1] or localhost:8090 was "PUBLIC_BASE_URL: is not a
-        # URL", a variable nobody set), a word Daraja refuses is said to come from HOST.
-        try:
-            public_base_url = _url({}, "PUBLIC_BASE_URL", local_url(host, port), ("http",))
-        except ConfigError:
-            raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or "
-                                      f"0.0.0.0, not {host!r}") from None
-        if "mpesa" in used and (word := DARAJA_REFUSED_IN_URLS.search(public_base_url)):
-            raise ConfigError("PUBLIC_BASE_URL", f"unset, it is {public_base_url} (HOST and PORT), which holds "
-                                                 f"{word.group()!r} while M-Pesa is in PROVIDERS (Daraja refuses "
-                                                 "callback URLs with 'mpesa' or 'safaricom' in them): set "
-                                                 "PUBLIC_BASE_URL to the address M-Pesa is to call back on")
+    derived = not _get(env, "PUBLIC_BASE_URL", "")
+    public_base_url = (_url({}, "PUBLIC_BASE_URL", local_url(host, port), ("http",)) if derived else
+                       _url(env, "PUBLIC_BASE_URL", "", ("http", "https")))
+    if "mpesa" in used:
+        # The variable the operator set: unset, PUBLIC_BASE_URL is HOST's (with PORT, digits).
+        _daraja_accepts(*(("HOST", host, public_base_url) if derived else ("PUBLIC_BASE_URL", public_base_url)))
+
     def base_url(name: str, simulator: str) -> str:
         # The default is the in-process simulator, which production never mounts: every call would fail.
         if production and not env.get(name, "").strip():

@@ -356,8 +356,8 @@ def test_dial_refuses_another_machine_unless_allowed():
             assert result.returncode == 2 and result.stdout == "", result.stdout
             assert result.stderr == (
                 "[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this machine (localhost, "
-                "127.0.0.0/8, ::1, 0.0.0.0, ::), and dial sends the aggregator's callback secret and a member's "
-                "number: --allow-remote to dial a gateway elsewhere]\n")
+                "127.0.0.0/8, ::1, 0.0.0.0, ::, an address it holds), and dial sends the aggregator's callback "
+                "secret and a member's number: --allow-remote to dial a gateway elsewhere]\n")
         assert sent == []
         # Allowed, it goes as the environment says (the proxy here), for each entry point.
         for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--allow-remote",
@@ -747,6 +747,31 @@ def test_dial_calls_the_address_and_port_the_gateway_listens_on():
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert result.stdout.splitlines()[1] == "Bye", result.stdout
     assert reached == [(f"127.0.0.2:{port}", "/ussd/africastalking")] * 2
+
+
+def test_a_bracketed_ipv6_host_is_told_to_drop_the_brackets_by_dial_and_the_service():
+    # HOST=[::1], as a URL writes it: dial said "Invalid IPv6 address: '[[::1]]'", serve (PUBLIC_BASE_URL set)
+    # "cannot listen on [::1]:8080 (HOST, PORT): Name or service not known" after opening the database and Redis.
+    says = ("configuration error: HOST: must be the address without brackets: HOST=::1 (a URL writes it [::1], and "
+            "the gateway's own URLs do)")
+    for result in (_main("dial", "*384*123#", "+250788000001", HOST="[::1]"),
+                   _dial_module("*384*123#", "+250788000001", HOST="[::1]"),
+                   _main("serve", HOST="[::1]", PUBLIC_BASE_URL="http://127.0.0.1:8080",
+                         REDIS_URL="redis://127.0.0.1:1/0")):
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert _one_line(result) == says
+
+
+def test_a_worker_given_another_host_is_told_to_set_public_base_url():
+    # `HOST=10.0.0.5 main.py worker --metrics-port 9100`: PUBLIC_BASE_URL unset became http://10.0.0.5:8080, where
+    # the service (HOST unset) does not listen; providers were given callback URLs there.
+    result = _main("worker", "--metrics-port", "9100", HOST="10.0.0.5", PUBLIC_BASE_URL="",
+                   REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result) == (
+        "configuration error: PUBLIC_BASE_URL: is unset, and a worker would take it from its HOST: "
+        "http://10.0.0.5:8080, where `serve` listens only if its HOST is the same (a worker listens on HOST for its "
+        "metrics only): set PUBLIC_BASE_URL to the address `serve` listens on")
 
 
 def test_dial_to_a_url_it_cannot_call_says_so_in_one_line():

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from channels.ussd import africastalking, hubtel, nalo
-from core.config import local_url
+from core.config import ConfigError, listen_host, local_url
 from core.phone import DEFAULT_REGION, PhoneError, network_code_of, normalize, operator_of
 
 AGGREGATORS = (africastalking.NAME, hubtel.NAME, nalo.NAME)
@@ -375,13 +375,43 @@ def _not_found_hint(status: int) -> str:
 
 def is_this_machine(host: str) -> bool:
     """Whether `host` is this machine by its name or address alone, without resolving a name (one that resolves to
-    127.0.0.1 today may not tomorrow): `localhost`, a loopback address (127.0.0.0/8, ::1) or an unspecified one
-    (0.0.0.0, ::), which a connection on Linux takes to this machine. An address is read as the connection reads it
-    (127.1 and 2130706433 are 127.0.0.1), never looked up."""
+    127.0.0.1 today may not tomorrow): `localhost`, a loopback address (127.0.0.0/8, ::1), an unspecified one
+    (0.0.0.0, ::), which a connection on Linux takes to this machine, or an address this machine holds (an
+    interface's: `serve` with HOST=10.0.0.5 listens there, and `dial`'s default URL is its own). An address is read
+    as the connection reads it (127.1 and 2130706433 are 127.0.0.1), never looked up."""
     if host.lower().rstrip(".") == "localhost":
         return True
     addresses = _addresses(host)
-    return bool(addresses) and all(address.is_loopback or address.is_unspecified for address in addresses)
+    return bool(addresses) and all(address.is_loopback or address.is_unspecified or _held(address)
+                                   for address in addresses)
+
+
+# Where Linux says whether a socket may bind an address this machine does not hold (net.ipv4.ip_nonlocal_bind; the
+# IPv6 one of the same name): set, a bind tells nothing.
+_NONLOCAL_BIND = {4: "/proc/sys/net/ipv4/ip_nonlocal_bind", 6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
+
+
+def _held(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether this machine holds `address`: a UDP socket binds to it (port 0), which the kernel allows for its own
+    addresses only. Nothing is sent, no name is looked up. A multicast address binds on any machine (it is a
+    group's, not this one's), as any address does where non-local binds are allowed: neither is taken."""
+    if address.is_multicast or _nonlocal_bind(address.version):
+        return False
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:  # EADDRNOTAVAIL: not this machine's; EAFNOSUPPORT: no IPv6 here
+        return False
+    return True
+
+
+def _nonlocal_bind(version: int) -> bool:
+    try:
+        with open(_NONLOCAL_BIND[version]) as setting:
+            return setting.read().strip() != "0"
+    except OSError:  # not Linux: its bind refuses an address the machine does not hold
+        return False
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -403,9 +433,10 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
 
 def default_url(env: Mapping[str, str] | None = None) -> str:
     """The gateway `run` (or `serve`) serves here by default: where HOST and PORT make it listen (scripts/run.sh's
-    `PORT=8090`), 127.0.0.1:8080 unless set. A PORT that is no port is left to the dial's URL error."""
+    `PORT=8090`), 127.0.0.1:8080 unless set. A PORT that is no port is left to the dial's URL error; a HOST the
+    service refuses is refused as it refuses it (ConfigError: HOST=[::1] is HOST=::1 written as in a URL)."""
     env = os.environ if env is None else env
-    return local_url(env.get("HOST", "").strip() or "127.0.0.1", env.get("PORT", "").strip() or "8080")
+    return local_url(listen_host(env), env.get("PORT", "").strip() or "8080")
 
 
 def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
@@ -422,8 +453,9 @@ def _url_problem(url: str, *, allow_remote: bool = False) -> str | None:
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         return f"invalid port {parsed.port} (a number from 1 to 65535)"
     if not allow_remote and not is_this_machine(parsed.host):
-        return (f"{parsed.host} is not this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0, ::), and dial sends the "
-                f"aggregator's callback secret and a member's number: {ALLOW_REMOTE} to dial a gateway elsewhere")
+        return (f"{parsed.host} is not this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0, ::, an address it holds), "
+                f"and dial sends the aggregator's callback secret and a member's number: {ALLOW_REMOTE} to dial a "
+                "gateway elsewhere")
     return None
 
 
@@ -475,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         print(f"dial: error: argument phone: {exc}", file=sys.stderr)
         return 2
-    base = args[2] if len(args) > 2 else default_url()
+    try:
+        base = args[2] if len(args) > 2 else default_url()
+    except ConfigError as exc:  # HOST as the service refuses it, said as the service says it
+        print(exc, file=sys.stderr)
+        return 2
     return run(args[0], args[1], base, (args[3] or None) if len(args) > 3 else None, aggregator=aggregator,
                allow_remote=allow_remote)
 

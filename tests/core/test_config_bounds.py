@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import ConfigError, load_settings
+from core.config import ConfigError, check_worker_base_url, load_settings
 from tests.core.test_crypto_config import _production_env
 
 
@@ -61,27 +61,69 @@ def test_public_base_url_is_where_the_service_listens_unless_set(host: str | Non
     assert load_settings({**env, "PUBLIC_BASE_URL": "https://pay.example.rw"}).public_base_url == "https://pay.example.rw"
 
 
-@pytest.mark.parametrize("host", ["[::1]", "localhost:8090", "gateway#1", "gateway?1"])
+@pytest.mark.parametrize("host", ["localhost:8090", "gateway#1", "gateway?1", "[::1", "[gateway]"])
 def test_a_host_no_url_can_name_is_refused_as_host_not_as_the_unset_public_base_url(host: str) -> None:
-    """PUBLIC_BASE_URL unset is http://HOST:PORT: HOST=[::1] (the bracketed form of a URL) or localhost:8090 was
-    "configuration error: PUBLIC_BASE_URL: is not a URL", naming a variable nobody set (before, `serve` said it
-    cannot listen on HOST)."""
-    _refused({"HOST": host, "PORT": "8090"}, "HOST", "must be one address or host name to listen on, such as "
-                                                     f"127.0.0.1 or 0.0.0.0, not {host!r}")
-    # Set, it is PUBLIC_BASE_URL that callbacks use; HOST is left to the listener, as before.
-    assert load_settings({"HOST": host, "PUBLIC_BASE_URL": "https://pay.example.rw"}).host == host
+    """PUBLIC_BASE_URL unset is http://HOST:PORT: HOST=localhost:8090 was "configuration error: PUBLIC_BASE_URL: is
+    not a URL", naming a variable nobody set. Set, such a HOST was taken and the listener failed on it after the
+    database and Redis were opened ("cannot listen on localhost:8090:8080"): refused at once either way."""
+    for public in ({}, {"PUBLIC_BASE_URL": "https://pay.example.rw"}):
+        _refused({"HOST": host, "PORT": "8090", **public}, "HOST", "must be one address or host name to listen on, "
+                                                                   f"such as 127.0.0.1 or 0.0.0.0, not {host!r}")
 
 
-def test_a_host_daraja_refuses_says_public_base_url_is_unset() -> None:
-    """A HOST holding "mpesa" (M-Pesa in PROVIDERS, PUBLIC_BASE_URL unset): "PUBLIC_BASE_URL: must not contain
-    'mpesa'" did not say that it was unset nor where the word came from."""
-    _refused({"HOST": "mpesa-gw", "PORT": "8090", "PROVIDERS": "mpesa"}, "PUBLIC_BASE_URL",
-             "unset, it is http://mpesa-gw:8090 (HOST and PORT), which holds 'mpesa' while M-Pesa is in PROVIDERS "
-             "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in them): set PUBLIC_BASE_URL to the "
-             "address M-Pesa is to call back on")
+@pytest.mark.parametrize("host", ["[::1]", " [::] ", "[2001:db8::5]", "[fe80::1%eth0]"])
+def test_an_ipv6_host_in_brackets_is_told_to_drop_them(host: str) -> None:
+    """HOST=[::1], as a URL writes it: the service said "HOST: must be one address ..." with PUBLIC_BASE_URL unset
+    and "cannot listen on [::1]:8080 (HOST, PORT): Name or service not known" with it set; neither said what to
+    write instead."""
+    address = host.strip()[1:-1]
+    for public in ({}, {"PUBLIC_BASE_URL": "https://pay.example.rw"}):
+        _refused({"HOST": host, **public}, "HOST", f"must be the address without brackets: HOST={address} (a URL "
+                                                   f"writes it [{address}], and the gateway's own URLs do)")
+    assert load_settings({"HOST": address}).host == address
+
+
+def test_a_host_daraja_refuses_is_named_as_host() -> None:
+    """A HOST holding "mpesa" (M-Pesa in PROVIDERS, PUBLIC_BASE_URL unset) was refused as PUBLIC_BASE_URL, a
+    variable nobody set, in words of its own; set, PUBLIC_BASE_URL in others. One check and one message, naming
+    the variable that holds the word."""
+    _refused({"HOST": "mpesa-gw", "PORT": "8090", "PROVIDERS": "mpesa"}, "HOST",
+             "must not contain 'mpesa' while M-Pesa is in PROVIDERS (Daraja refuses callback URLs with 'mpesa' or "
+             "'safaricom' in them, and the unset PUBLIC_BASE_URL is http://mpesa-gw:8090 (HOST and PORT): set "
+             "PUBLIC_BASE_URL to the address M-Pesa is to call back on, or change HOST)")
     _refused({"HOST": "127.0.0.1", "PUBLIC_BASE_URL": "http://mpesa.example", "PROVIDERS": "mpesa"},
              "PUBLIC_BASE_URL", "must not contain 'mpesa' while M-Pesa is in PROVIDERS (Daraja refuses callback URLs "
                                 "with 'mpesa' or 'safaricom' in them, and it is in the URL)")
+    # Set, PUBLIC_BASE_URL is the callbacks' address: HOST is only where the service listens.
+    assert load_settings({"HOST": "mpesa-gw", "PUBLIC_BASE_URL": "https://pay.example.rw", "PROVIDERS": "mpesa"})
+    assert load_settings({"HOST": "mpesa-gw", "PROVIDERS": "airtel"}).public_base_url == "http://mpesa-gw:8080"
+
+
+@pytest.mark.parametrize("host", [None, "127.0.0.1", "0.0.0.0", " "])
+def test_a_worker_takes_the_default_public_base_url(host: str | None) -> None:
+    env = {"PORT": "8090"} if host is None else {"HOST": host, "PORT": "8090"}
+    check_worker_base_url(load_settings(env), env)  # nothing raised
+    assert load_settings(env).public_base_url == "http://127.0.0.1:8090"
+
+
+@pytest.mark.parametrize(("host", "url"), [("10.0.0.5", "http://10.0.0.5:8090"), ("::", "http://[::1]:8090"),
+                                           ("127.0.0.2", "http://127.0.0.2:8090"), ("localhost", "http://localhost:8090")])
+def test_a_worker_does_not_take_public_base_url_from_another_host(host: str, url: str) -> None:
+    """A worker given HOST=10.0.0.5 for its metrics port made PUBLIC_BASE_URL http://10.0.0.5:8090: its providers'
+    callback URLs and the in-process simulators' calls went where `serve` (HOST unset) did not listen. It cannot know
+    serve's HOST: another than the default's is refused unless PUBLIC_BASE_URL says where serve is."""
+    env = {"HOST": host, "PORT": "8090"}
+    with pytest.raises(ConfigError) as raised:
+        check_worker_base_url(load_settings(env), env)
+    assert raised.value.variable == "PUBLIC_BASE_URL"
+    assert str(raised.value) == (
+        f"configuration error: PUBLIC_BASE_URL: is unset, and a worker would take it from its HOST: {url}, where "
+        "`serve` listens only if its HOST is the same (a worker listens on HOST for its metrics only): set "
+        "PUBLIC_BASE_URL to the address `serve` listens on")
+    env["PUBLIC_BASE_URL"] = "http://127.0.0.1:8090"
+    check_worker_base_url(load_settings(env), env)  # said: nothing raised
+    # In production PUBLIC_BASE_URL is required anyway (load_settings refuses it unset).
+    check_worker_base_url(load_settings({**_production_env(), "HOST": host}), {**_production_env(), "HOST": host})
 
 
 @pytest.mark.parametrize("variable", ["JWT_SECRET", "BLIND_INDEX_KEY"])

