@@ -217,7 +217,7 @@ async def test_a_cursor_not_returned_by_the_list_is_a_400(admin):
         assert body["message"] in (["after must be a nextCursor returned by this list, passed back unchanged"],
                                    ["after contains characters that are not allowed"]), (bad, body)
     body = await admin.json("GET", "/v1/payments?updatedFrom=yesterday", 400)
-    assert body["message"] == ["updatedFrom must be an ISO 8601 date-time"]
+    assert body["message"] == ["updatedFrom must be a date (YYYY-MM-DD) or a date-time (YYYY-MM-DDThh:mm:ssZ)"]
     body = await admin.json("GET", f"{START}&page=2", 400)
     assert body["message"] == ["page cannot be combined with updatedFrom or after: a sync pages by cursor (after)"]
 

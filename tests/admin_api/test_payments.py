@@ -188,7 +188,7 @@ async def test_list_query_validation(admin):
         "status must be one of: PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED, TIMEOUT, "
         "PARTIALLY_REFUNDED, REFUNDED, VOIDED" in body["message"]
     )
-    assert "from must be an ISO 8601 date-time" in body["message"]
+    assert "from must be a date (YYYY-MM-DD) or a date-time (YYYY-MM-DDThh:mm:ssZ)" in body["message"]
     assert "query parameter bogus is not allowed" in body["message"]
 
 

@@ -1,0 +1,51 @@
+"""A cooperative admin's day through the JSON API, where a refusal did not say what to send instead (found walking
+it as a user): a period written in a form the gateway does not take, and a currency sent with a refund's amount.
+Each refusal says what is taken, and nothing is written."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from core.models import Refund
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+TAKEN = "must be a date (YYYY-MM-DD) or a date-time (YYYY-MM-DDThh:mm:ssZ)"
+
+
+async def test_a_period_in_another_form_is_refused_saying_which_forms_are_taken(admin):
+    # 20261201 is ISO 8601's basic form, 2026-02-30 no day at all, "December" a word: each was told "must be an
+    # ISO 8601 date-time", which neither named the bare date the README documents nor fitted 20261201.
+    for route in ("/v1/payments", "/v1/reports/reconciliation", "/v1/reports/payments.csv", "/v1/refunds",
+                  "/v1/disputes", "/v1/audit-events"):
+        for bad in ("20261201", "2026-02-30", "December"):
+            body = await admin.json("GET", f"{route}?from={bad}", 400)
+            assert body["message"] == [f"from {TAKEN}"], (route, bad, body)
+            assert body["field"] == "from"
+    body = await admin.json("GET", "/v1/payments?updatedFrom=yesterday", 400)
+    assert body["message"] == [f"updatedFrom {TAKEN}"]
+    # The forms it names are taken.
+    await admin.json("GET", "/v1/reports/reconciliation?from=2026-12-01&to=2026-12-02T08:00:00Z", 200)
+
+
+async def test_a_currency_sent_with_a_refund_is_refused_saying_to_send_the_amount_alone(admin, rt, demo):
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    said = ("property currency should not exist: the amount is in the currency its payment type (or payment) has, "
+            "which a request does not change; send the amount alone")
+    for currency in ("RWF", "USD"):
+        body = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 400, json={
+            "amount": 1000, "currency": currency, "reason": "overpaid", "idempotencyKey": idem()})
+        assert body["message"] == [said], body
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    body = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 400, json={
+        "status": "RESOLVED", "note": "paid back", "refundAmount": 1000, "currency": "RWF"})
+    assert body["message"] == [said]
+    async with rt.sessionmaker() as s:
+        assert await s.scalar(select(func.count(Refund.id))) == 0
+    # Elsewhere an unknown property is refused as before: no hint about money where no amount is taken.
+    body = await admin.json("POST", "/v1/disputes", 400, json={"paymentId": paid["id"], "reason": "OTHER",
+                                                               "currency": "RWF"})
+    assert body["message"] == ["property currency should not exist"]
+    # A payment type, which takes its currency, is not told so.
+    made = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Levy", "amount": 500, "currency": "RWF"})
+    assert made["currency"] == "RWF"
