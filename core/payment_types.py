@@ -170,13 +170,30 @@ async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperativ
     return coop
 
 
-async def _name_taken(session: AsyncSession, cooperative_id: str, name: str, exclude_id: str | None) -> bool:
-    stmt = select(PaymentType.id).where(
+async def _name_taken(session: AsyncSession, cooperative_id: str, name: str, exclude_id: str | None) -> None:
+    """409 NAME_TAKEN when another type of the cooperative has the name, whatever its case. The refusal names that
+    type as it is written, with its id and how to change it: "a payment type named 'Monthly rent' already exists"
+    quoted the request, so an admin adding 'Monthly rent' beside the seeded 'Monthly Rent' was told of a type
+    she could not find by that name, nor where it was."""
+    stmt = select(PaymentType.id, PaymentType.name, PaymentType.is_active).where(
         PaymentType.cooperative_id == cooperative_id, func.lower(PaymentType.name) == name.strip().lower()
     )
     if exclude_id:
         stmt = stmt.where(PaymentType.id != exclude_id)
-    return (await session.execute(stmt.limit(1))).first() is not None
+    taken = (await session.execute(stmt.limit(1))).first()
+    if taken is not None:
+        state = "" if taken.is_active else ", inactive"
+        raise Conflict(f"a payment type named {taken.name!r} already exists ({taken.id}{state}): change it with "
+                       f"PATCH /v1/payment-types/{taken.id}, or give this one another name", field="name",
+                       code=NAME_TAKEN)
+
+
+def _refusal(errors: list[str]) -> ValidationError:
+    """The refusal of a type's fields, naming in `field` the one every message is about (README "API errors"): each
+    message starts with its field's name, but that no method collects the amount, which is the amount's. The
+    cooperative's currency refused alone said so without `field`."""
+    about = {"amount" if text.startswith("no payment method") else text.split(" ", 1)[0] for text in errors}
+    return ValidationError(errors[0], errors=errors, field=about.pop() if len(about) == 1 else None)
 
 
 def snapshot(pt: PaymentType) -> dict[str, Any]:
@@ -220,9 +237,8 @@ async def create_payment_type(
     elif rt is not None and (why := uncollectable(rt, coop.country, fields.amount)):
         errors.append(why)
     if errors:
-        raise ValidationError(errors[0], errors=errors)
-    if await _name_taken(session, cooperative_id, fields.name, None):
-        raise Conflict(f"a payment type named {fields.name.strip()!r} already exists", field="name", code=NAME_TAKEN)
+        raise _refusal(errors)
+    await _name_taken(session, cooperative_id, fields.name, None)
     pt = PaymentType(
         cooperative_id=cooperative_id,
         name=fields.name.strip(),
@@ -311,12 +327,10 @@ async def update_payment_type(
         if why := uncollectable(rt, country, amount):
             errors.append(why)
     if errors:
-        raise ValidationError(errors[0], errors=errors)
+        raise _refusal(errors)
     if "name" in changes:
         await _cooperative(session, cooperative_id)  # the lock: see _cooperative
-        if await _name_taken(session, cooperative_id, changes["name"], pt.id):
-            raise Conflict(f"a payment type named {changes['name'].strip()!r} already exists", field="name",
-                           code=NAME_TAKEN)
+        await _name_taken(session, cooperative_id, changes["name"], pt.id)
     for key, value in changes.items():
         if key == "amount":
             pt.amount_minor = value.minor

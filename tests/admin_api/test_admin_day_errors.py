@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from core.models import Refund
+from core.models import PaymentType, Refund
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 TAKEN = "must be a date (YYYY-MM-DD) or a date-time (YYYY-MM-DDThh:mm:ssZ)"
@@ -49,3 +49,32 @@ async def test_a_currency_sent_with_a_refund_is_refused_saying_to_send_the_amoun
     # A payment type, which takes its currency, is not told so.
     made = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Levy", "amount": 500, "currency": "RWF"})
     assert made["currency"] == "RWF"
+
+
+async def test_a_type_name_taken_names_the_type_that_has_it(admin, rt, demo):
+    # 'Monthly rent' beside the seeded 'Monthly Rent': the refusal quoted the request's name, not the type that
+    # has it, nor its id or what to do.
+    rent = demo["payment_types"]["Monthly Rent"]
+    said = (f"a payment type named 'Monthly Rent' already exists ({rent}): change it with PATCH "
+            f"/v1/payment-types/{rent}, or give this one another name")
+    body = await admin.json("POST", "/v1/payment-types", 409, json={"name": "monthly RENT", "amount": 50000})
+    assert (body["message"], body["code"], body["field"]) == (said, "NAME_TAKEN", "name")
+    water = demo["payment_types"]["Water"]
+    assert (await admin.json("DELETE", f"/v1/payment-types/{water}", 200))["isActive"] is False
+    body = await admin.json("PATCH", f"/v1/payment-types/{rent}", 409, json={"name": "WATER"})
+    assert body["message"] == (f"a payment type named 'Water' already exists ({water}, inactive): change it with "
+                               f"PATCH /v1/payment-types/{water}, or give this one another name")
+    async with rt.sessionmaker() as s:
+        assert (await s.get(PaymentType, rent)).name == "Monthly Rent"
+        assert await s.scalar(select(func.count(PaymentType.id))) == 2
+
+
+async def test_a_type_in_another_currency_is_refused_naming_the_field(admin, rt):
+    body = await admin.json("POST", "/v1/payment-types", 400, json={"name": "Levy", "amount": 500, "currency": "KES"})
+    assert body["message"] == ["currency must be the cooperative's currency (RWF)"]
+    assert body["field"] == "currency"
+    # Two fields refused: none named, each listed.
+    body = await admin.json("POST", "/v1/payment-types", 400, json={"name": "Levy", "amount": 0, "currency": "KES"})
+    assert "field" not in body and len(body["message"]) == 2, body
+    async with rt.sessionmaker() as s:
+        assert await s.scalar(select(func.count(PaymentType.id)).where(PaymentType.name == "Levy")) == 0

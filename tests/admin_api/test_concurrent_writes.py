@@ -99,7 +99,9 @@ async def test_members_created_at_once_make_one_and_409_the_rest(admin, rt, demo
 async def test_payment_types_named_alike_at_once_make_one_and_409_the_rest(admin, rt, demo):
     statuses, bodies = await _all_at_once(admin, "POST", "/v1/payment-types", {"name": "Levy 1", "amount": 100})
     assert statuses == [201] + [409] * (AT_ONCE - 1), bodies
-    assert all(b["message"] == "a payment type named 'Levy 1' already exists" for b in bodies if "id" not in b)
+    made = next(b for b in bodies if "id" in b)
+    assert all(b["message"] == f"a payment type named 'Levy 1' already exists ({made['id']}): change it with PATCH "
+               f"/v1/payment-types/{made['id']}, or give this one another name" for b in bodies if "id" not in b)
     # A rename races the same way: two types renamed to one free name at once.
     a = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Levy A", "amount": 100})
     b = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Levy B", "amount": 100})
