@@ -61,7 +61,6 @@ from channels.sms.templates import (
 )
 from core import metrics, pgraw
 from core.audit import Actor
-from core.audit import record as audit_record
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
 from core.members import (
@@ -496,41 +495,42 @@ class SmsJobs:
         One copy went, this run's: the row is made to say so, with AT's id (the delivery reports for it then find the
         row, and parked ones are applied) or its refusal, and audited (sms.confirmed; sms.sent for an answer lost, the
         move to REJECTED). An erased row keeps its number and text cleared (only the send's columns are written); the
-        discarded job stays discarded. A refusal leaves a held-back row as it is (it says "not sent", true), and an
-        Unconfirmed answer an Unconfirmed row. Only a row still so: one a delivery report or another answer reached
-        first is left. Whether it was; the rare path, so a short transaction of three statements, on any database."""
+        discarded job stays discarded. A refusal makes either REJECTED with Africa's Talking's reason, as any refused
+        send ends (a held-back row's "not sent: ..." stays in the audit row's before), and an Unconfirmed answer
+        leaves an Unconfirmed row as it is. Only a row still so: one a delivery report or another answer reached
+        first is left. Each is one of the machine's moves (SMS.recoveries, or the table's SENT -> REJECTED). Whether
+        it was; the rare path, so a short transaction (the row read and locked, then the move with its audit row) on
+        any database."""
         values = {k: _fit(k, v) for k, v in values.items() if v is not None}
-        changes = {**values, "updated_at": utcnow()}
         lost = values.get("provider_status") == SENT_UNCONFIRMED and not values.get("provider_message_id")
-        taken_over = and_(_SMS.c.status == SmsStatus.SENT.value, _SMS.c.provider_status == SENT_UNCONFIRMED,
-                          _SMS.c.provider_message_id.is_(None))
+        changes = dict(values)
         if target is SmsStatus.SENT:
-            changes["status"] = target.value
             if not lost:
                 changes["failure_reason"] = None
-            moved_on = _HELD_BACK if lost else or_(taken_over, _HELD_BACK)
+            moved_on = _HELD_BACK if lost else or_(_TAKEN_OVER_ROW, _HELD_BACK)
         else:  # refused: it never went, so no sent time (the taker's Unconfirmed stamped one), as any refused
-            changes.update(status=target.value, sent_at=None)
-            moved_on = taken_over
+            changes["sent_at"] = None
+            moved_on = or_(_TAKEN_OVER_ROW, _HELD_BACK)
         async with self.rt.sessionmaker.begin() as session:
             before = (await session.execute(
                 select(_SMS.c.status, _SMS.c.provider_status, _SMS.c.failure_reason)
                 .where(_SMS.c.id == message_id, moved_on).with_for_update())).first()
-            row = None if before is None else (await session.execute(
-                update(SmsMessage)
-                .where(_SMS.c.id == message_id, moved_on)
-                .values(changes)
-                .returning(_SMS.c.cooperative_id, _SMS.c.template, _SMS.c.member_id))).first()
-            if before is None or row is None:
+            if before is None:
                 return False
-            action = "sent" if lost else "confirmed" if target is SmsStatus.SENT else target.value.lower()
-            was: dict[str, Any] = {"status": before.status, "provider_status": before.provider_status}
-            if before.status != SmsStatus.SENT.value:
+            source = SmsStatus(before.status)
+            held_back = source is SmsStatus.FAILED
+            was: dict[str, Any] = {"provider_status": before.provider_status}
+            if held_back:
                 was["failure_reason"] = before.failure_reason  # what the person's action wrote: "not sent: ..."
-            await audit_record(
-                session, actor=WORKER, entity_type=SMS.name, entity_id=message_id, cooperative_id=row.cooperative_id,
-                action=f"{SMS.name}.{action}", before=was,
-                after={**values, "status": target.value, "template": row.template, "member_id": row.member_id})
+            # A declared move of the machine (core.state.sms: SMS.recoveries), under the guard it was read by (the row
+            # is locked: it still holds); the taker's Unconfirmed refused is the table's SENT -> REJECTED.
+            recovery = ("sent" if lost else "confirmed" if target is SmsStatus.SENT
+                        else "rejected" if held_back else None)
+            try:
+                await transition(session, SMS, message_id, source, target, actor=WORKER, values=changes, was=was,
+                                 recovery=recovery, where=_HELD_BACK if held_back else _TAKEN_OVER_ROW)
+            except StaleTransition:
+                return False
         log.warning("SMS recorded by another run or a person's action (Unconfirmed, or not sent) while this run sent "
                     "it (stalled past its lease, or its request out): recorded as it went",
                     extra={"sms_id": message_id, "status": target.value, "was": before.status,
@@ -581,8 +581,10 @@ class SmsJobs:
         except SmsTemporaryError as exc:
             # Nothing went, for sure: no connection made, or AT's API refusing it for our account (its own answer, or a
             # request never made), on which every send sends again. A 5xx, a 408, a 429 is no such proof.
-            if isinstance(exc, SmsNotSentError | SmsAccountError) and await self._reopen(
-                    job, message.id, kept, str(exc)):
+            # Handed back only by a run that may have been taken over (_reopen): not by one inside its handler's time,
+            # which no other worker can have claimed (an outage's every failed attempt, which would look in vain).
+            if isinstance(exc, SmsNotSentError | SmsAccountError) and self._may_be_taken_over(job) and await (
+                    self._reopen(job, message.id, kept, str(exc))):
                 return None
             if job.attempts >= job.max_attempts:
                 # The outbox parks the job after this attempt. The message did not leave: it stays QUEUED,
@@ -745,6 +747,12 @@ class SmsJobs:
         except Exception as exc:
             raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
 
+    def _may_be_taken_over(self, job: Job) -> bool:
+        """Whether another run may have taken this run's job over: it runs outside a worker (no lease), or past its
+        handler's time (Job.time_left), which ends inside the lease (the worker cancels a run there: one still running
+        stalled, and its lease may have lapsed). Before that, no other worker can have claimed the job."""
+        return job.locked_by is None or job.time_left(self.rt.settings.outbox_lease_seconds) <= 0
+
     async def _reopen(self, job: Job, message_id: str, kept: str, error: str) -> bool:
         """This run's request never connected (SmsNotSentError), or AT's API refused it for our account
         (SmsAccountError: an empty balance, a risk hold, the sender id or credentials; or the request could not be
@@ -756,24 +764,18 @@ class SmsJobs:
         row still so, by a job still DONE, to a number still the row's (not erased; a member's still hers: an erasure
         or release after the taker's record is seen, and one under way waited for, as _insert_held does): otherwise
         nothing changes and the row stays Unconfirmed. A 5xx (or a 408, a 429) is no such proof (AT's front end may
-        refuse after its API took the message): it stays Unconfirmed. Whether it was handed back; one statement that
-        changes nothing on a plain connection failure or an account refusal (the row QUEUED)."""
-        members, now = Member.__table__, utcnow()
-        holds = (select(members.c.id)
-                 .where(members.c.id == _SMS.c.member_id, members.c.phone_index == _SMS.c.phone_index)
-                 .with_for_update(read=True, key_share=True))
+        refuse after its API took the message): it stays Unconfirmed. Whether it was handed back. Asked only by a run
+        that may have been taken over (_may_be_taken_over): for any other, the row is this run's, QUEUED."""
+        now = utcnow()
         try:
             async with self.rt.sessionmaker.begin() as session:
-                row = (await session.execute(
-                    update(SmsMessage)
-                    .where(_SMS.c.id == message_id, _SMS.c.status == SmsStatus.SENT.value,
-                           _SMS.c.provider_status == SENT_UNCONFIRMED, _SMS.c.provider_message_id.is_(None),
-                           _SMS.c.failure_reason == _TAKEN_OVER, _SMS.c.phone_enc != "",
-                           or_(_SMS.c.member_id.is_(None), holds.exists()))
-                    .values(status=SmsStatus.QUEUED.value, provider_status=None, failure_reason=None, sent_at=None,
-                            updated_at=now)
-                    .returning(_SMS.c.cooperative_id, _SMS.c.template, _SMS.c.member_id))).first()
-                if row is None:
+                try:
+                    # A declared move of the machine (core.state.sms: SMS.recoveries), under its guard (_REOPENABLE).
+                    await transition(session, SMS, message_id, SmsStatus.SENT, SmsStatus.QUEUED, actor=WORKER,
+                                     values=dict.fromkeys(("provider_status", "failure_reason", "sent_at")),
+                                     was={"provider_status": SENT_UNCONFIRMED}, audit={"reason": error[:200]},
+                                     recovery="reopened", where=_REOPENABLE)
+                except StaleTransition:
                     return False
                 again = await session.execute(
                     update(OutboxJob).where(OutboxJob.id == job.id, OutboxJob.status == "DONE")
@@ -781,12 +783,6 @@ class SmsJobs:
                             after_failure=False, updated_at=now))
                 if not again.rowcount:  # type: ignore[attr-defined]
                     raise _Undo
-                await audit_record(
-                    session, actor=WORKER, entity_type=SMS.name, entity_id=message_id,
-                    cooperative_id=row.cooperative_id, action=f"{SMS.name}.reopened",
-                    before={"status": SmsStatus.SENT.value, "provider_status": SENT_UNCONFIRMED},
-                    after={"status": SmsStatus.QUEUED.value, "reason": error[:200], "template": row.template,
-                           "member_id": row.member_id})
                 await self.rt.hot_redis.delete(kept)  # fails: rolled back, the row stays Unconfirmed
         except _Undo:
             return False
@@ -886,9 +882,24 @@ _BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
 # send, its answer not back yet: a run stalled past its lease, or one slow to answer): that run's answer then says
 # what went (SmsJobs._confirm). The worker's own "not sent" (a reminder paid since) is written by the run holding the
 # job, never beside a send.
+# (Its reasons compared one by one, not by an IN: a guard of transition's statement, which runs straight on asyncpg,
+# takes no expanding parameter.)
 _HELD_BACK = and_(_SMS.c.status == SmsStatus.FAILED.value, _SMS.c.provider_message_id.is_(None),
-                  or_(_SMS.c.failure_reason.in_((ERASED_SMS_REASON, RELEASED_SMS_REASON)),
+                  or_(_SMS.c.failure_reason == ERASED_SMS_REASON, _SMS.c.failure_reason == RELEASED_SMS_REASON,
                       _SMS.c.failure_reason.startswith(DISCARDED_BY, autoescape=True)))
+# A row recorded Unconfirmed by a run that sent nothing: the one that took its job over (SmsJobs._confirm's SENT ->
+# SENT or REJECTED over it).
+_TAKEN_OVER_ROW = and_(_SMS.c.status == SmsStatus.SENT.value, _SMS.c.provider_status == SENT_UNCONFIRMED,
+                       _SMS.c.provider_message_id.is_(None))
+# A row SmsJobs._reopen hands back: the taker's Unconfirmed (_TAKEN_OVER: it sent nothing), to a number still the
+# row's (not erased; a member's still hers, her row read under a share lock: an erasure or release after the taker's
+# record is seen, and one under way waited for, as _insert_held does).
+_REOPENABLE = and_(
+    _TAKEN_OVER_ROW, _SMS.c.failure_reason == _TAKEN_OVER, _SMS.c.phone_enc != "",
+    or_(_SMS.c.member_id.is_(None),
+        select(Member.__table__.c.id)
+        .where(Member.__table__.c.id == _SMS.c.member_id, Member.__table__.c.phone_index == _SMS.c.phone_index)
+        .with_for_update(read=True, key_share=True).exists()))
 _NOTE_PARKED = (
     update(SmsMessage)
     .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.QUEUED.value)

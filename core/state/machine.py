@@ -41,9 +41,10 @@ class IllegalTransition(BusinessRuleError):
 
     code = INVALID_STATE
 
-    def __init__(self, machine: str, source: str, target: str) -> None:
-        super().__init__(f"{machine}: {source} -> {target} is not allowed")
-        self.machine, self.source, self.target = machine, source, target
+    def __init__(self, machine: str, source: str, target: str, recovery: str | None = None) -> None:
+        named = "" if recovery is None else f" (recovery {recovery!r})"
+        super().__init__(f"{machine}: {source} -> {target}{named} is not allowed")
+        self.machine, self.source, self.target, self.recovery = machine, source, target, recovery
 
 
 class StaleTransition(Conflict):
@@ -67,11 +68,20 @@ class StateMachine(Generic[S]):
     # (audit key, column): columns of the moved row that every audit row of its moves carries in `after`, read
     # from the row the move returned (so each caller need not know them, and none can give a stale value).
     audit_columns: tuple[tuple[str, str], ...] = ()
+    # Named recovery moves, {name: the (source, target) pairs it may make}: moves the table forbids (out of a final
+    # state, backwards) that one writer makes to correct a row another wrote without knowing what it knew (a text
+    # that went after a person marked it "not sent"). `transition` makes one only when its caller names it
+    # (recovery=name), never for a caller that does not (a delivery report cannot reopen a FAILED text); its audit
+    # row's action is `<machine>.<name>` and its after says {"recovery": name}.
+    recoveries: Mapping[str, frozenset[tuple[S, S]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = set(self.states) - set(self.table)
         if missing:
             raise ValueError(f"{self.name}: states without a row in the table: {sorted(missing)}")
+        unknown = {s for pairs in self.recoveries.values() for pair in pairs for s in pair} - set(self.states)
+        if unknown:
+            raise ValueError(f"{self.name}: recoveries name unknown states: {sorted(unknown)}")
 
     @property
     def final(self) -> frozenset[S]:
@@ -83,12 +93,21 @@ class StateMachine(Generic[S]):
     def is_exceptional(self, source: S, target: S) -> bool:
         return (source, target) in self.exceptional
 
-    def check(self, source: S, target: S) -> None:
-        if not self.allowed(source, target):
-            raise IllegalTransition(self.name, source.value, target.value)
+    def check(self, source: S, target: S, recovery: str | None = None) -> None:
+        """Refuse a move the table does not allow; or, for a named `recovery`, one that recovery does not make."""
+        if recovery is None:
+            if not self.allowed(source, target):
+                raise IllegalTransition(self.name, source.value, target.value)
+        elif (source, target) not in self.recoveries.get(recovery, ()):
+            raise IllegalTransition(self.name, source.value, target.value, recovery)
 
     def pairs(self) -> list[tuple[S, S]]:
+        """The table's moves: those `transition` makes unnamed."""
         return [(s, t) for s, targets in self.table.items() for t in sorted(targets)]
+
+    def recovery_pairs(self) -> list[tuple[str, S, S]]:
+        """The recovery moves, (name, source, target): each made only when its caller names it."""
+        return [(name, s, t) for name, pairs in self.recoveries.items() for s, t in sorted(pairs)]
 
 
 async def transition(
@@ -105,10 +124,15 @@ async def transition(
     cooperative_id: str | None = None,
     jobs: Sequence[NewJob] = (),
     alongside: tuple[Any, dict[str, Any]] | None = None,
+    recovery: str | None = None,
+    where: Any | None = None,
 ) -> Any:
     """Move one row from `source` to `target` with UPDATE ... WHERE status = :source RETURNING.
 
-    Raises IllegalTransition if the table forbids it and StaleTransition if zero rows matched.
+    Raises IllegalTransition if the table forbids it and StaleTransition if zero rows matched. `recovery`: the name
+    of the machine's recovery move this is (StateMachine.recoveries), checked against it instead of the table, and
+    the audit row's action. `where`: more the row must hold to move (a condition on the machine's table, built once:
+    the statement is cached with it), as a recovery's guard; not matched is StaleTransition too.
     The audit event is written in the caller's transaction; the caller commits. `audit`: more for its after,
     `was`: for its before (what the move clears, e.g. the ids a voided recording releases).
 
@@ -121,7 +145,7 @@ async def transition(
     common path, with no ORM session): the move is the same statement, no instance is refreshed (the moved values
     are returned by attribute name), and every job must carry a dedupe key (ValueError otherwise).
     """
-    machine.check(source, target)
+    machine.check(source, target, recovery)
     model = machine.model
     orm = session if isinstance(session, AsyncSession) else None
     if orm is not None:
@@ -131,7 +155,7 @@ async def transition(
         await orm.connection()
     elif pgraw.dialect_name(session) != "postgresql" or any(job.dedupe_key is None for job in jobs):
         raise ValueError("a move on a Core connection is PostgreSQL's one statement, its jobs with dedupe keys")
-    changes, before, after, action = _describe(machine, source, target, values, audit)
+    changes, before, after, action = _describe(machine, source, target, values, audit, recovery)
     before.update(was or {})
     before, after = formatted(before), formatted(after)  # the log's one format (core.audit.formatted)
     if orm is not None:
@@ -153,8 +177,9 @@ async def transition(
                 params.update(alongside[1])
         shown = machine.audit_columns
         statement = (_moved_and_audited(model, keys, False, len(jobs), None if alongside is None else alongside[0],
-                                        shown)
-                     if carried and (jobs or alongside is not None) else _moved_and_audited(model, keys, shown=shown))
+                                        shown, where)
+                     if carried and (jobs or alongside is not None)
+                     else _moved_and_audited(model, keys, shown=shown, where=where))
         if await pgraw.in_transaction(session):
             # The caller's transaction is open (an earlier statement began it): the statement joins it
             # straight on asyncpg. As the first statement it goes through SQLAlchemy, which begins one.
@@ -174,6 +199,8 @@ async def transition(
     session = orm
     table = model.__table__
     stmt = update(table).where(table.c.id == entity_id, table.c.status == source.value).values(changes)
+    if where is not None:
+        stmt = stmt.where(where)
     returned = (await session.execute(stmt.returning(*table.c))).first()
     if returned is None:
         raise StaleTransition(machine.name, entity_id, source.value)
@@ -246,9 +273,10 @@ async def transition_alone(
 
 
 def _describe(
-    machine: StateMachine[S], source: S, target: S, values: Mapping[str, Any] | None, audit: Mapping[str, Any] | None
+    machine: StateMachine[S], source: S, target: S, values: Mapping[str, Any] | None, audit: Mapping[str, Any] | None,
+    recovery: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
-    """The columns a move sets, and its audit row's before, after and action."""
+    """The columns a move sets, and its audit row's before, after and action (a recovery's: its name)."""
     changes: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
     if values:
         changes.update(values)
@@ -257,6 +285,9 @@ def _describe(
         after.update(audit)
     if machine.is_exceptional(source, target):
         after["exceptional"] = True
+    if recovery is not None:
+        after["recovery"] = recovery
+        return changes, {"status": source.value}, after, f"{machine.name}.{recovery}"
     return changes, {"status": source.value}, after, f"{machine.name}.{target.value.lower()}"
 
 
@@ -273,15 +304,19 @@ def _cte_params(
 
 @functools.cache
 def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False, jobs: int = 0,
-                       alongside: Any | None = None, shown: tuple[tuple[str, str], ...] = ()) -> Any:
+                       alongside: Any | None = None, shown: tuple[tuple[str, str], ...] = (),
+                       where: Any | None = None) -> Any:
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
     SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns (and
     count of `jobs` queued, write `alongside`: both only when the row moved). `shown`: the machine's
-    audit_columns, added to the audit row's after from the moved row (after || jsonb_build_object(...))."""
+    audit_columns, added to the audit row's after from the moved row (after || jsonb_build_object(...)).
+    `where`: transition's, in the UPDATE's WHERE."""
     table, audit_table = table_of(model), table_of(AuditEvent)
+    guarded = update(table).where(table.c.id == bindparam("t_id"), table.c.status == bindparam("t_source"))
+    if where is not None:
+        guarded = guarded.where(where)
     moved = (
-        update(table)
-        .where(table.c.id == bindparam("t_id"), table.c.status == bindparam("t_source"))
+        guarded
         .values({k: bindparam(f"v_{k}", type_=table.c[k].type) for k in keys})
         .returning(*table.c)
         .cte("moved")

@@ -43,4 +43,19 @@ SMS = StateMachine(
     # member's id (null: a number of no member). Never the number or the text: the audit log is append-only, so
     # erasing a member (core.members) could not clear them there as it does on her SMS rows.
     audit_columns=(("template", "template"), ("memberId", "member_id")),
+    # The sender's corrections (channels.sms.jobs), each made by the run that knows what its own request did, under
+    # its guards, and by no other writer (a delivery report for a FAILED text changes nothing):
+    # - reopened: SENT Unconfirmed -> QUEUED, a text the run that took its job over recorded Unconfirmed, whose
+    #   stalled run's own request never connected (or was refused for the account): nothing went, it is sent once;
+    # - confirmed: FAILED -> SENT, a text a person's action marked "not sent" (an erasure, a number release, an admin's
+    #   discard) while its request was out, which Africa's Talking took; and SENT -> SENT, AT's id written over the
+    #   taker's Unconfirmed;
+    # - sent: FAILED -> SENT Unconfirmed, that text's answer lost (it may have gone), audited as a lost answer is;
+    # - rejected: FAILED -> REJECTED, that text refused by Africa's Talking (as a refused send ends).
+    recoveries={
+        "reopened": frozenset({(M.SENT, M.QUEUED)}),
+        "confirmed": frozenset({(M.FAILED, M.SENT), (M.SENT, M.SENT)}),
+        "sent": frozenset({(M.FAILED, M.SENT)}),
+        "rejected": frozenset({(M.FAILED, M.REJECTED)}),
+    },
 )

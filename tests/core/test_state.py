@@ -25,6 +25,7 @@ MACHINES = [PAYMENT, REFUND, DISPUTE, SMS]
 ACTOR = Actor("admin:test", "api")
 ALLOWED = [(m, s, t) for m in MACHINES for s, t in m.pairs()]
 REFUSED = [(m, s, t) for m in MACHINES for s in m.states for t in m.states if not m.allowed(s, t)]
+RECOVERIES = [(m, name, s, t) for m in MACHINES for name, s, t in m.recovery_pairs()]
 
 
 def test_tables_cover_every_state():
@@ -71,6 +72,46 @@ async def test_refused_pair_raises_typed_error_and_changes_nothing(sm, machine, 
         assert (info.value.source, info.value.target) == (source.value, target.value)
     async with sm() as session:
         assert (await session.get(machine.model, row.id)).status == source.value
+
+
+def test_sms_recoveries_are_the_senders_corrections_only():
+    """Declared (the README's SMS section lists them) and none of them a move of the table: a caller that names none,
+    a delivery report, cannot make them."""
+    from core.state.sms import SmsStatus as M
+    assert SMS.recovery_pairs() == [("reopened", M.SENT, M.QUEUED), ("confirmed", M.FAILED, M.SENT),
+                                    ("confirmed", M.SENT, M.SENT), ("sent", M.FAILED, M.SENT),
+                                    ("rejected", M.FAILED, M.REJECTED)]
+    assert not any(SMS.allowed(s, t) for _, s, t in SMS.recovery_pairs() if s != t)
+    assert SMS.final >= {M.FAILED} and not SMS.allowed(M.FAILED, M.SENT)
+
+
+@pytest.mark.parametrize(("machine", "name", "source", "target"), RECOVERIES,
+                         ids=[f"{m.name}:{n}:{s}->{t}" for m, n, s, t in RECOVERIES])
+async def test_a_recovery_is_made_only_when_named_and_audited_so(sm, machine, name, source, target):
+    async with sm.begin() as session:
+        row = await row_in_state(session, machine.name, source.value)
+    others = [other for other in (*machine.recoveries, "nonesuch") if (source, target) not in machine.recoveries.get(
+        other, ())]
+    async with sm.begin() as session:
+        for wrong in (None, *others):  # unnamed, or named as a recovery that does not make it: refused
+            if wrong is None and machine.allowed(source, target):
+                continue
+            with pytest.raises(IllegalTransition) as info:
+                await transition(session, machine, row.id, source, target, actor=ACTOR, recovery=wrong)
+            assert (info.value.source, info.value.target, info.value.recovery) == (source.value, target.value, wrong)
+        table = machine.model.__table__
+        with pytest.raises(StaleTransition):  # its guard not met: nothing moves
+            await transition(session, machine, row.id, source, target, actor=ACTOR, recovery=name,
+                             where=table.c.id != row.id)
+    async with sm.begin() as session:
+        moved = await transition(session, machine, row.id, source, target, actor=ACTOR, recovery=name,
+                                 was={"note": "why"})
+        assert moved.status == target.value
+    async with sm() as session:
+        assert (await session.get(machine.model, row.id)).status == target.value
+        audit = (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == row.id))).scalars().all()
+        assert [(a.action, a.before, a.after["status"], a.after["recovery"]) for a in audit] == [
+            (f"{machine.name}.{name}", {"status": source.value, "note": "why"}, target.value, name)]
 
 
 async def test_stale_source_is_refused(sm):

@@ -118,7 +118,8 @@ async def cooperative(rt: Any, cooperative_id: str) -> Cooperative:
 
 async def stalled_run(rt: Any, stalled: asyncio.Event) -> tuple[asyncio.Task[None], Job]:
     """Run A of the one 'sms.send' job due: claimed by a worker of its own and run until it sets `stalled` (a patched
-    build stalling there), then stalled past its lease (due again: another worker claims it) and its send lock (gone).
+    build stalling there), then stalled past its lease (due again: another worker claims it; its claim as long ago as
+    the lease, Job.claimed) and its send lock (gone).
     (run A's task, its job)"""
     from app import create_worker
 
@@ -130,6 +131,8 @@ async def stalled_run(rt: Any, stalled: asyncio.Event) -> tuple[asyncio.Task[Non
         await session.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(
             run_at=utcnow() - timedelta(seconds=1)))
     await rt.hot_redis.delete(message_keys(message_key(job.payload))[0])
+    # And on its own clock: as long since its claim as a real stall (past its handler's time, Job.time_left).
+    object.__setattr__(job, "claimed", job.claimed - rt.settings.outbox_lease_seconds)
     return run_a, job
 
 

@@ -92,6 +92,18 @@ async def test_final_status_is_not_reopened_by_a_late_report(rt: Any, sms_client
     assert [a.action for a in audits] == ["sms.delivered"]
 
 
+@pytest.mark.parametrize("report", ["Success", "Sent", "Buffered"])
+async def test_a_failed_message_is_not_moved_by_a_report(rt: Any, sms_client: Any, report: str) -> None:
+    """A delivery report never moves a FAILED text back (to DELIVERED or SENT): only the sender's named recoveries
+    leave FAILED (core.state.sms: SMS.recoveries, which a report's move does not name)."""
+    sms_id = await sent_message(rt, "ATXid_F", status="FAILED")
+    answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_F", "status": report})
+    assert answer.status == 200 and await answer.text() == "ignored"
+    assert (await status_of(rt, sms_id)).status == "FAILED"
+    async with rt.sessionmaker() as session:
+        assert (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == sms_id))).first() is None
+
+
 async def test_unknown_message_id_is_acknowledged_logged_and_kept_an_hour(
     rt: Any, sms_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

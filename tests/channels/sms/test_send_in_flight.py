@@ -193,17 +193,45 @@ async def test_a_stalled_send_out_when_an_admin_discards_its_parked_job_is_recor
     assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DISCARDED"]
 
 
-async def test_a_send_out_when_her_erasure_commits_that_is_refused_stays_not_sent(
-    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
+@pytest.mark.parametrize("action", ["erasure", "discard"])
+async def test_a_send_out_when_her_erasure_or_a_discard_commits_that_is_refused_is_recorded_rejected(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any, action: str
 ) -> None:
-    """Africa's Talking refuses the number: nothing went, and the row's "not sent: member_erased" stays true."""
+    """Africa's Talking refuses the number while her erasure (or an admin's discard of the job) writes "not sent": the
+    row ends REJECTED with Africa's Talking's status and reason, as any refused send does (the ops page's and the
+    delivery rate's refusals count it: Africa's Talking had it, and said no), not FAILED Skipped ("never handed to
+    Africa's Talking", false); no sent time, and an erased row's number and text stay cleared. Audited sms.rejected,
+    a recovery (SMS.recoveries "rejected"), the person's "not sent" in its before. Before, it stayed FAILED Skipped."""
     sim.set_failure("InvalidPhoneNumber", number=ALINE)
     await queue_receipt(rt, demo)
     out, go = _hold_the_answer(rt, monkeypatch)
-    await _while_out(worker, out, go, _erase(rt, demo))
+    if action == "erasure":
+        held_back, reason = _erase(rt, demo), "not sent: member_erased"
+    else:
+        held_back, reason = _discard_while_running(rt, sms_client, demo), "discarded by an admin: not needed"
+    await _while_out(worker, out, go, held_back)
     row = await the_row(rt)
-    assert (row.status, row.failure_reason, row.provider_message_id) == ("FAILED", "not sent: member_erased", None)
+    assert (row.status, row.provider_status, row.failure_reason, row.provider_message_id, row.sent_at) == (
+        "REJECTED", "InvalidPhoneNumber", "InvalidPhoneNumber", None, None)
+    if action == "erasure":
+        assert (row.phone_enc, row.body) == ("", "")
     assert sim.messages(ALINE) == []
+    async with rt.sessionmaker() as session:
+        audits = (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == row.id)
+                                        .order_by(AuditEvent.id))).scalars().all()
+    assert [a.action for a in audits] == ["sms.failed", "sms.rejected"]
+    assert (audits[1].before["status"], audits[1].before["failureReason"]) == ("FAILED", reason)
+    assert (audits[1].after["status"], audits[1].after["recovery"]) == ("REJECTED", "rejected")
+
+
+async def _discard_while_running(rt: Any, sms_client: Any, demo: dict[str, Any]) -> None:
+    """An admin's discard of the receipt's job, which the worker is running (its request out): parked first, as only
+    a parked job is discarded (a run stalled past its lease, whose taker parked it, in real life)."""
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="PARKED"))
+    [job] = await jobs_of(rt, "sms.send")
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": "not needed"})
 
 
 def _closed_port() -> int:
