@@ -31,7 +31,7 @@ from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
 from core.payments import check_idempotency_key, keyed_request_hash, same_request
 from core.references import cooperative_reference
-from core.refunds import _her_row_first, _lock_open_disputes, payer_to_tell
+from core.refunds import _her_row_first, _lock_disputes_noted, payer_to_tell
 from core.state import transition
 from core.state.dispute import DISPUTE, OPEN_VALUES, DisputeReason, DisputeStatus
 from core.state.refund import OPEN_VALUES as UNSETTLED_REFUNDS
@@ -451,11 +451,11 @@ async def _her_row_before_dispute(session: AsyncSession, dispute_id: str, cooper
     refund sent to the provider writes neither twice (it is PENDING, its payment untouched): nothing is locked for it,
     nor for a move without a refund.
 
-    Then, before the dispute alone, the disputes the chargeback locks (core.refunds._lock_open_disputes: the payment's
-    open ones, this one, and those of its refunds not yet sent, which it may withdraw and note), all in id order:
+    Then, before the dispute alone, the disputes the chargeback locks (core.refunds._lock_disputes_noted: every dispute
+    of the payment, this one and those of its refunds not yet sent, which it may withdraw and note), all in id order:
     locked after this one, an earlier dispute (resolved on a refund waiting, linked to it) was taken after a later one,
-    against a late success locking every dispute of the payment in id order (core.refunds._lock_disputes_noted): the
-    two deadlocked, and one was rolled back."""
+    against a late success locking them so too: the two deadlocked, and one was rolled back. (None can be opened
+    after: this one is open, and held.)"""
     if returned is None:
         return
     payment = select(Dispute.payment_id).where(Dispute.id == dispute_id)
@@ -464,7 +464,7 @@ async def _her_row_before_dispute(session: AsyncSession, dispute_id: str, cooper
     await _her_row_first(session, payment)
     payment_id = (await session.execute(payment)).scalar_one_or_none()
     if payment_id is not None:
-        await _lock_open_disputes(session, payment_id, cooperative_id, waiting=True)
+        await _lock_disputes_noted(session, payment_id, cooperative_id)
 
 
 def _transition_hash(target: DisputeStatus | str, note: str | None, evidence: str | None,

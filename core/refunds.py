@@ -149,17 +149,27 @@ async def request_refund(
     # A refund while the payment is disputed is noted on the dispute (_note_refund_on_disputes), whose lock comes
     # first: a resolution locks its dispute, then the payment (core.disputes.move_dispute), so the other order
     # deadlocks against it. The dispute's own refund (dispute_id) comes with its dispute locked already.
-    # A chargeback may withdraw the payment's refunds not yet sent (_withdraw_unsent), noting their disputes: those
-    # are locked now too, in the same id order.
     if returned is not None and dispute_id is None:
         # A chargeback completes at once, a success that may write the payment twice (its flag beyond collected):
         # her row first, as for any refund's success (_her_row_first). (A resolution's took it before its dispute's
         # lock, which an erasure takes after her row: core.disputes._her_row_before_dispute.)
         await _her_row_first(session, [payment_id])
-    locked = [] if dispute_id is not None and returned is None else await _lock_open_disputes(
-        session, payment_id, cooperative_id, waiting=returned is not None)
+    if returned is not None:
+        # A chargeback may withdraw the payment's refunds not yet sent (_withdraw_unsent), noting each on its
+        # dispute: every dispute of the payment locked first, then the payment, none waited for once it is held, as
+        # a late success locks them (_lock_disputes_then_payment). Locked by what they were (open, or of a refund
+        # then PENDING), one of a refund withdrawable only since was locked after the payment, against a late
+        # success holding it and waiting for the payment (a deadlock, one rolled back): a refund then at the
+        # provider whose credentials it refused (PENDING again: _awaiting_configuration), or a dispute opened and
+        # resolved on the refund waiting (core.disputes._rely_on_unsettled) between the two locks.
+        payment = await _lock_disputes_then_payment(session, payment_id, cooperative_id, about="a chargeback")
+        locked = [] if payment is None else list((await session.execute(
+            select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
+            .order_by(Dispute.id).execution_options(populate_existing=True))).scalars().all())
+    else:
+        locked = [] if dispute_id is not None else await _lock_open_disputes(session, payment_id, cooperative_id)
+        payment = await lock_row(session, Payment, payment_id, cooperative_id)
     disputes = [] if dispute_id is not None else locked
-    payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
 
@@ -293,22 +303,16 @@ async def request_refund(
     return refund, True
 
 
-async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None, *,
-                              waiting: bool = False) -> list[Dispute]:
+async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> list[Dispute]:
     """The payment's open disputes, locked (in id order) before the payment is: one indexed probe, nothing
-    locked when there is none. One being resolved is waited for, then left out once it is closed. `waiting`: also
-    the disputes of the payment's refunds not yet sent (a chargeback may withdraw them: _withdraw_unsent notes
-    them), in the same statement and order, as a late success locks them (_lock_disputes_noted); only the open ones
-    are returned."""
-    mine = and_(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
-    if waiting:
-        mine = or_(mine, Dispute.id.in_(select(Refund.dispute_id).where(
-            Refund.payment_id == payment_id, Refund.status == R.PENDING.value, Refund.dispute_id.is_not(None))))
-    query = select(Dispute).where(mine).order_by(Dispute.id).with_for_update()
+    locked when there is none. One being resolved is waited for, then left out once it is closed. (A chargeback
+    locks every dispute of the payment instead: _lock_disputes_then_payment.)"""
+    query = (select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
+             .order_by(Dispute.id).with_for_update())
     if cooperative_id is not None:
         query = query.where(Dispute.cooperative_id == cooperative_id)
     found = (await session.execute(query.execution_options(populate_existing=True))).scalars().all()
-    return [d for d in found if d.payment_id == payment_id and d.status in OPEN_DISPUTES]
+    return [d for d in found if d.status in OPEN_DISPUTES]
 
 
 async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: list[Dispute]) -> list[Dispute]:
@@ -674,8 +678,9 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         # after the payment is locked: locked first, as a refund made during the dispute (_lock_open_disputes) and a
         # resolution lock it before the payment, or a late success deadlocks against them (record_refund_outcome
         # locks them so too). Every dispute of the payment: one being resolved is waited for.
-        payment = await (_lock_disputes_then_payment(session, refund) if current is R.FAILED
-                         else lock_row(session, Payment, refund.payment_id))
+        payment = await (_lock_disputes_then_payment(session, refund.payment_id,
+                                                     about=f"late success of refund {refund.reference}")
+                         if current is R.FAILED else lock_row(session, Payment, refund.payment_id))
         assert payment is not None
         refunded = payment.refunded_minor + refund.amount_minor
         if amount is not None and amount != Money(refund.amount_minor, refund.currency):
@@ -755,48 +760,52 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     return updated.status.lower()
 
 
-async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> list[str]:
-    """Every dispute of the refund's payment, locked in id order before the payment: those a late success of
-    `refund` notes (its own, and those of the payment's refunds waiting to be sent, which _withdraw_unsent may
-    withdraw), and one being resolved right now. A resolution in the member's favour without a refund of its own
-    links, and so locks, the payment's refunds not yet settled after its dispute (core.disputes._rely_on_unsettled):
-    _withdraw_unsent, which skips a refund another transaction holds, left the one it held PENDING, to be sent,
-    and the member was paid back twice (flagged only once that one completed). Waiting here for the dispute, the
-    late success then finds it linked and free, and withdraws it. All of them, whatever their status: read by status,
-    a dispute resolved while this waited for it would be left out, and locked later, after the payment (its note).
-    One probe of the payment's few disputes; a late success is rare. Returns their ids."""
-    return list((await session.execute(select(Dispute.id).where(Dispute.payment_id == refund.payment_id)
-                                       .order_by(Dispute.id).with_for_update())).scalars().all())
+async def _lock_disputes_noted(session: AsyncSession, payment_id: str, cooperative_id: str | None = None) -> list[str]:
+    """Every dispute of the payment, locked in id order before the payment: those a late success or a chargeback
+    notes (a late success's own refund's, and those of the payment's refunds waiting to be sent, which
+    _withdraw_unsent may withdraw), and one being resolved right now. A resolution in the member's favour without a
+    refund of its own links, and so locks, the payment's refunds not yet settled after its dispute (core.disputes.
+    _rely_on_unsettled): _withdraw_unsent, which skips a refund another transaction holds, left the one it held
+    PENDING, to be sent, and the member was paid back twice (flagged only once that one completed). Waiting here for
+    the dispute, the late success then finds it linked and free, and withdraws it. All of them, whatever their status
+    or their refunds': read by status, a dispute resolved while this waited for it would be left out, and locked
+    later, after the payment (its note); read by its refunds', one whose refund is withdrawable only since (PENDING
+    again once the provider refused the gateway's credentials for it: _awaiting_configuration) too. One probe of the
+    payment's few disputes; a late success and a chargeback are rare. Returns their ids."""
+    query = select(Dispute.id).where(Dispute.payment_id == payment_id).order_by(Dispute.id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(Dispute.cooperative_id == cooperative_id)
+    return list((await session.execute(query)).scalars().all())
 
 
-async def _lock_disputes_then_payment(session: AsyncSession, refund: Refund) -> Payment:
-    """The refund's payment, locked after all its disputes (_lock_disputes_noted), and none of them waited for once
-    the payment is held. A dispute opened and committed in the instant between the two locks (core.disputes.
-    open_dispute locks the payment, so none can be opened once this holds it) is not among those locked: noted later
-    (its resolution linked a refund this withdraws) it was locked after the payment, against a resolution holding it
-    and waiting for the payment (a deadlock, one rolled back); and a resolution holding it, and the refunds waiting
-    it relies on (core.disputes._rely_on_unsettled), made _withdraw_unsent skip those, left PENDING and sent (the
-    member paid back twice). Such a dispute is taken if it is free (SKIP LOCKED: taken without waiting, so the
-    order holds); if another holds it, the two locks are let go (their savepoint rolled back: PostgreSQL releases
-    the row locks taken in it) and taken again in order, waiting for that dispute this time. Only PostgreSQL locks
-    rows (on SQLite the write lock serialises every writer): there, the two locks as they are."""
+async def _lock_disputes_then_payment(session: AsyncSession, payment_id: str, cooperative_id: str | None = None, *,
+                                      about: str) -> Payment | None:
+    """The payment (None if there is none, or it is another cooperative's), locked after all its disputes
+    (_lock_disputes_noted), and none of them waited for once the payment is held: for a late success of a refund,
+    and a chargeback (`about` says which, for the log). A dispute opened and committed in the instant between the two
+    locks (core.disputes.open_dispute locks the payment, so none can be opened once this holds it) is not among those
+    locked: noted later (its resolution linked a refund this withdraws) it was locked after the payment, against a
+    resolution, or a late success, holding it and waiting for the payment (a deadlock, one rolled back); and a
+    resolution holding it, and the refunds waiting it relies on (core.disputes._rely_on_unsettled), made
+    _withdraw_unsent skip those, left PENDING and sent (the member paid back twice). Such a dispute is taken if it is
+    free (SKIP LOCKED: taken without waiting, so the order holds); if another holds it, the two locks are let go (their
+    savepoint rolled back: PostgreSQL releases the row locks taken in it) and taken again in order, waiting for that
+    dispute this time. Only PostgreSQL locks rows (on SQLite the write lock serialises every writer): there, the two
+    locks as they are."""
     if session.get_bind().dialect.name == "sqlite":
-        await _lock_disputes_noted(session, refund)
-        payment = await lock_row(session, Payment, refund.payment_id)
-        assert payment is not None
-        return payment  # type: ignore[no-any-return]
+        await _lock_disputes_noted(session, payment_id, cooperative_id)
+        return await lock_row(session, Payment, payment_id, cooperative_id)  # type: ignore[no-any-return]
     for _ in range(3):
         savepoint = await session.begin_nested()
-        locked = await _lock_disputes_noted(session, refund)
-        payment = await lock_row(session, Payment, refund.payment_id)
-        assert payment is not None
-        if await disputes_free_since(session, select(Dispute.id).where(Dispute.payment_id == refund.payment_id),
-                                     locked):
+        locked = await _lock_disputes_noted(session, payment_id, cooperative_id)
+        payment = await lock_row(session, Payment, payment_id, cooperative_id)
+        if payment is None or await disputes_free_since(
+                session, select(Dispute.id).where(Dispute.payment_id == payment_id), locked):
             await savepoint.commit()
             return payment  # type: ignore[no-any-return]
         await savepoint.rollback()
-        log.info("a dispute opened on the payment while a late success locked it is being changed: its locks let "
-                 "go and taken again in order", extra={"refund": refund.reference})
+        log.info("a dispute opened on the payment between the locks of its disputes and its own is being changed: "
+                 "the locks let go and taken again in order", extra={"payment_id": payment_id, "about": about})
     raise Conflict("disputes on this payment were opened and changed while this was recorded: nothing was "
                    "recorded; send it again", code=CONCURRENT_CHANGE)
 
@@ -1306,7 +1315,8 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         # statement line's id below), as apply_refund_outcome locks them for a provider's late word; else a refund
         # asked for on such a disputed payment at the same moment (its dispute, then the payment) deadlocks against
         # this, and a resolution linking a refund waiting to be sent held it while this withdrew the others.
-        await _lock_disputes_then_payment(session, refund)
+        await _lock_disputes_then_payment(session, refund.payment_id,
+                                          about=f"late success of refund {refund.reference}")
     elif refund.dispute_id is not None:
         # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
         # its dispute before the payment (core.disputes.move_dispute; a refund made during an open dispute is

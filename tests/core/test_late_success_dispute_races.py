@@ -577,3 +577,110 @@ async def test_a_late_success_and_a_chargeback_resolving_a_later_dispute_with_an
         assert (await s.get(Refund, failed.id)).status == "COMPLETED"
     assert row.status == "RESOLVED" and row.refund_id is not None
     assert (paid.refunded_minor, paid.mismatch) == (100_000, True), paid.mismatch_detail
+
+
+# A chargeback recorded (POST /v1/payments/{id}/refunds with returnedByProvider) may withdraw the payment's refunds not
+# yet sent and note each on its dispute (core.refunds._withdraw_unsent), after it holds the payment. It locked, before
+# the payment, the open disputes and those of the refunds then PENDING: a dispute of a refund withdrawable by the time
+# it withdraws, but not then, was locked after the payment, against a late success holding every dispute of the
+# payment and waiting for the payment (a deadlock, one of the two rolled back). Two ways in, each between its dispute
+# locks and its payment lock: a dispute opened then and resolved on the refund waiting (linked to it), and a refund
+# PROCESSING then, whose provider refused the gateway's credentials for it (PENDING again, to be sent once fixed).
+# The late success's paths that do not run again after a deadlock (the provider's callback does: its second run
+# hid it).
+CHARGEBACK_RACE_PATHS = ["worker", "admin_with_id", "admin"]
+
+
+async def _chargeback_raced(rt: Any, monkeypatch: pytest.MonkeyPatch, payment: Payment, failed: Refund, path: str,
+                            between: Hook) -> list[Any]:
+    """The chargeback of the whole payment, `between` run just before it locks the payment, and the late success of
+    `failed` (by `path`) started once it holds it, into its wait for a lock: both results, or exceptions."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def after() -> None:
+        tasks.append(asyncio.create_task(_late_success_by(rt, failed, path)()))
+        await waiting_for_locks(rt, 1, done=tasks[0])
+
+    _payment_lock_held(monkeypatch, between, after)
+    charged = await asyncio.gather(_run(rt, _chargeback(rt, payment)), return_exceptions=True)
+    return charged + list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+async def _paid_back_twice_once(rt: Any, payment: Payment, failed: Refund, chargeback: Refund) -> None:
+    """The late success and the chargeback each gave back the whole payment: 100,000 RWF of 50,000 collected, the
+    payment flagged for it; each refund told once."""
+    async with rt.sessionmaker() as s:
+        paid = await s.get(Payment, payment.id)
+        assert (await s.get(Refund, failed.id)).status == "COMPLETED"
+        assert (await s.get(Refund, chargeback.id)).status == "COMPLETED"
+    assert (paid.refunded_minor, paid.mismatch) == (100_000, True), paid.mismatch_detail
+    assert "50,000 RWF more than collected has gone back to the payer" in paid.mismatch_detail, paid.mismatch_detail
+    for refund_id in (failed.id, chargeback.id):
+        assert await _jobs(rt, f"wh:evt_refund_completed_{refund_id}") == 1, refund_id
+
+
+def _noted_withdrawn_once(dispute: Dispute, refund: Refund) -> None:
+    notes = [n for n in dispute.notes or []
+             if refund.reference in (n["text"] or "") and "not sent" in (n["text"] or "")]
+    assert len(notes) == 1, dispute.notes
+
+
+@pytest.mark.parametrize("path", CHARGEBACK_RACE_PATHS)
+async def test_a_dispute_opened_and_resolved_on_the_refund_waiting_between_a_chargebacks_locks(
+        rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """No dispute when the chargeback locks the payment's disputes; one opened and resolved on the refund waiting
+    (linked to it) before it locks the payment; the late success then holds that dispute and waits for the payment.
+    The chargeback withdrew the refund waiting and locked its dispute for the note: a deadlock. Now neither is rolled
+    back: the refund waiting is withdrawn once, noted on the dispute once, the member paid back twice, flagged."""
+    payment, failed, waiting = await _undisputed(rt, demo)
+    opened: list[Dispute] = []
+
+    async def between() -> None:
+        opened.append(await _opened(rt, payment))
+        await _run(rt, _resolution(rt, opened[0]))  # relies on `waiting`: linked to it
+
+    results = await _chargeback_raced(rt, monkeypatch, payment, failed, path, between)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[1] == "completed", results
+    await _withdrawn_once(rt, waiting, payment)
+    await _paid_back_twice_once(rt, payment, failed, results[0])
+    async with rt.sessionmaker() as s:
+        _noted_withdrawn_once(await s.get(Dispute, opened[0].id), waiting)
+
+
+@pytest.mark.parametrize("path", CHARGEBACK_RACE_PATHS)
+async def test_a_refund_of_a_closed_dispute_waiting_again_since_a_chargebacks_locks(
+        rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The refund made during a dispute since rejected is at the provider (PROCESSING) when the chargeback locks the
+    payment's disputes; before it locks the payment the provider refuses the gateway's credentials for it (PENDING
+    again, its submission parked, nothing sent: withdrawable); the late success then holds that dispute and waits for
+    the payment. The chargeback withdrew the refund and locked its dispute for the note: a deadlock. Now neither is
+    rolled back; each once."""
+    payment, failed, _waiting = await _undisputed(rt, demo)
+    async with rt.sessionmaker.begin() as s:  # (withdrawn by an admin: the refund below is made during the dispute)
+        await s.execute(update(Refund).where(Refund.id == _waiting.id).values(status="FAILED", failure_reason="x"))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{_waiting.id}").values(status="DONE"))
+    dispute = await _opened(rt, payment)
+    waiting = await _refund(rt, payment)
+    assert waiting.dispute_id == dispute.id
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{waiting.id}").values(status="DONE"))
+        await s.execute(update(Refund).where(Refund.id == waiting.id).values(status="PROCESSING"))
+        await move_dispute(s, rt, dispute_id=dispute.id, cooperative_id=dispute.cooperative_id, target="REJECTED",
+                           actor=ADMIN, note="not ours")
+    refused = Event(provider="mtn_momo", kind=EventKind.REFUND, event_id=uuid.uuid4().hex,
+                    reference=waiting.provider_reference, outcome=ProviderOutcome.PENDING,
+                    reason="initiator not allowed", credentials_refused=True)
+
+    async def between() -> None:
+        assert await handle_provider_event(rt, refused) != "ignored"
+        async with rt.sessionmaker() as s:
+            assert (await s.get(Refund, waiting.id)).status == "PENDING"
+
+    results = await _chargeback_raced(rt, monkeypatch, payment, failed, path, between)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[1] == "completed", results
+    await _withdrawn_once(rt, waiting, payment)
+    await _paid_back_twice_once(rt, payment, failed, results[0])
+    async with rt.sessionmaker() as s:
+        _noted_withdrawn_once(await s.get(Dispute, dispute.id), waiting)
