@@ -386,32 +386,26 @@ def is_this_machine(host: str) -> bool:
                                    for address in addresses)
 
 
-# Where Linux says whether a socket may bind an address this machine does not hold (net.ipv4.ip_nonlocal_bind; the
-# IPv6 one of the same name): set, a bind tells nothing.
-_NONLOCAL_BIND = {4: "/proc/sys/net/ipv4/ip_nonlocal_bind", 6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
-
-
 def _held(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether this machine holds `address`: a UDP socket binds to it (port 0), which the kernel allows for its own
-    addresses only. Nothing is sent, no name is looked up. A multicast address binds on any machine (it is a
-    group's, not this one's), as any address does where non-local binds are allowed: neither is taken."""
-    if address.is_multicast or _nonlocal_bind(address.version):
+    """Whether this machine holds `address`: the route to it is this machine's own, so a UDP socket connected to it
+    (which sends nothing, and looks no name up) leaves from it, as from no other address. A bind was no proof: it
+    takes a broadcast address (255.255.255.255, an interface's 192.0.2.255), a multicast one, and any address at all
+    where non-local binds are allowed (net.ipv4.ip_nonlocal_bind, on keepalived and HAProxy hosts; a sandbox's
+    /proc/sys may not say so). A connection to a broadcast address is refused here (EACCES), a multicast address
+    is a group's, and an IPv6 link-local one is held with its zone (fe80::1%eth0), which a connection needs too."""
+    if address.is_multicast:
         return False
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     try:
+        [*_, destination] = socket.getaddrinfo(str(address), 9, family, socket.SOCK_DGRAM,
+                                               flags=socket.AI_NUMERICHOST)[0]
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((str(address), 0))
-    except OSError:  # EADDRNOTAVAIL: not this machine's; EAFNOSUPPORT: no IPv6 here
+            probe.connect(destination)
+            source = probe.getsockname()
+    except OSError:  # unreachable, a broadcast address (EACCES), no IPv6 here, a zone that is no interface
         return False
-    return True
-
-
-def _nonlocal_bind(version: int) -> bool:
-    try:
-        with open(_NONLOCAL_BIND[version]) as setting:
-            return setting.read().strip() != "0"
-    except OSError:  # not Linux: its bind refuses an address the machine does not hold
-        return False
+    # The address, and for IPv6 the zone (sin6_scope_id): a link-local address of another interface is not this one
+    return ipaddress.ip_address(source[0]) == ipaddress.ip_address(destination[0]) and source[3:] == destination[3:]
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -427,6 +421,8 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     for *_, sockaddr in found:
         address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
         mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is None and len(sockaddr) > 3 and sockaddr[3]:  # fe80::1%eth0: its zone, which an address needs
+            address = ipaddress.IPv6Address(f"{address}%{sockaddr[3]}")
         addresses.append(mapped or address)
     return addresses
 

@@ -524,6 +524,51 @@ def test_an_address_this_machine_holds_is_this_machine() -> None:
     assert is_this_machine(held)
 
 
+def test_a_broadcast_address_is_not_this_machine() -> None:
+    """255.255.255.255 and an interface's broadcast address (192.0.2.255 on 192.0.2.2/24): a socket binds to them on
+    Linux, as to its own addresses, so the bind check took them for this machine's, but nothing listens there (a
+    connection to one is refused, "Network is unreachable")."""
+    from channels.ussd.dial import is_this_machine
+
+    assert not is_this_machine("255.255.255.255")
+    broadcasts = {entry.broadcast for _name, entry in _interface_addresses()
+                  if entry.family == socket.AF_INET and entry.broadcast}
+    for broadcast in broadcasts:
+        assert not is_this_machine(broadcast), broadcast
+    assert not is_this_machine("::ffff:255.255.255.255")
+
+
+def test_an_address_is_not_held_where_any_address_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a socket may bind any address (net.ipv4.ip_nonlocal_bind set, on a keepalived or HAProxy host, or a
+    sandbox whose /proc/sys does not say so), a bind proves nothing: another machine's address is still not this
+    machine's, and this machine's still is."""
+    from channels.ussd.dial import is_this_machine
+
+    listed = {entry.address.partition("%")[0] for _name, entry in _interface_addresses()}
+    elsewhere = next(address for address in ("192.0.2.1", "198.51.100.1", "203.0.113.1") if address not in listed)
+    held = _held_address()
+    monkeypatch.setattr(socket.socket, "bind", lambda _self, _address: None)  # any address binds
+    assert not is_this_machine(elsewhere)
+    if held is not None:
+        assert is_this_machine(held)
+
+
+def test_a_link_local_address_this_machine_holds_is_this_machine_with_its_zone() -> None:
+    """HOST=fe80::1%eth0 (an interface's link-local address, which is one only with its zone): `serve` listens
+    there and `dial` calls it, but the check dropped the zone and took it for another machine's. Without a zone no
+    connection can use it."""
+    from channels.ussd.dial import _url_problem, is_this_machine
+
+    found = [(name, entry.address.partition("%")[0]) for name, entry in _interface_addresses()
+             if entry.family == socket.AF_INET6 and ipaddress.ip_address(entry.address.partition("%")[0]).is_link_local]
+    if not found:
+        pytest.skip("this machine holds no IPv6 link-local address")
+    name, address = found[0]
+    assert is_this_machine(f"{address}%{name}")
+    assert _url_problem(default_url({"HOST": f"{address}%{name}", "PORT": "8090"})) is None
+    assert not is_this_machine(address)
+
+
 def test_dials_default_url_refuses_a_bracketed_host_as_the_service_does() -> None:
     # HOST=[::1] made http://[[::1]]:8080, and dial said "Invalid IPv6 address: '[[::1]]'".
     with pytest.raises(ConfigError) as refused:
