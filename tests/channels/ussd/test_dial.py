@@ -449,9 +449,9 @@ def _interface_addresses() -> list[tuple[str, Any]]:
 
 
 def _held_address() -> str | None:
-    """An address of this machine's other than a loopback or link-local one (an interface's); None when it has
-    none."""
-    for _name, entry in _interface_addresses():
+    """An address of this machine's other than a loopback or link-local one (an interface's), an IPv4 one first (an
+    IPv6 one may still be tentative, checked for duplicates: not yet usable); None when it has none."""
+    for _name, entry in sorted(_interface_addresses(), key=lambda found: found[1].family != socket.AF_INET):
         address = ipaddress.ip_address(entry.address.partition("%")[0])
         if not (address.is_loopback or address.is_link_local or address.is_multicast):
             return str(address)
@@ -544,8 +544,8 @@ def test_an_address_is_not_held_where_any_address_binds(monkeypatch: pytest.Monk
     machine's, and this machine's still is."""
     from channels.ussd.dial import is_this_machine
 
-    listed = {entry.address.partition("%")[0] for _name, entry in _interface_addresses()}
-    elsewhere = next(address for address in ("192.0.2.1", "198.51.100.1", "203.0.113.1") if address not in listed)
+    elsewhere = next(address for address in ("192.0.2.1", "198.51.100.1", "203.0.113.1")
+                     if not is_this_machine(address))  # another machine's, before any address binds
     held = _held_address()
     monkeypatch.setattr(socket.socket, "bind", lambda _self, _address: None)  # any address binds
     assert not is_this_machine(elsewhere)
