@@ -714,6 +714,34 @@ def test_the_readme_lists_every_command():
     assert listed == set(sub.choices), set(sub.choices) ^ listed
 
 
+def test_the_readme_commands_take_the_flags_it_gives_them():
+    # Each row's usage (`worker [--concurrency N]`, `dial CODE PHONE [--url URL] ...`) and the flags its text
+    # names (`simulate`'s `--callback-url`): each is one of that command's options (the provider simulators' own
+    # flags are parsed by the simulator, providers.simulation.add_arguments).
+    import argparse
+    import re
+
+    from main import build_parser
+    from providers.simulation import add_arguments
+
+    [sub] = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    simulator = argparse.ArgumentParser()
+    add_arguments(simulator)
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
+    checked = 0
+    for row in re.finditer(r"^\| `([a-z-]+)([^|]*(?:\\\|[^|]*)*)` \|(.*)$", table, re.MULTILINE):
+        command, usage, text = row.groups()
+        options = set(sub.choices[command]._option_string_actions)
+        if command == "simulate":
+            options |= set(simulator._option_string_actions)
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage))
+        flags |= {flag for flag in re.findall(r"`(--[a-z][a-z-]*)", text) if command in ("simulate", "dial")}
+        assert flags <= options, (command, flags - options)
+        checked += len(flags)
+    assert checked >= 10
+
+
 def test_dial_calls_the_port_the_gateway_was_started_on():
     # `PORT=8090 bash scripts/run.sh` serves on 8090; `dial` without --url called 8080 all the same.
     result = _main("dial", "*384*123#", "+250788000001", PORT="1", HOST="")
