@@ -581,10 +581,12 @@ class SmsJobs:
         except SmsTemporaryError as exc:
             # Nothing went, for sure: no connection made, or AT's API refusing it for our account (its own answer, or a
             # request never made), on which every send sends again. A 5xx, a 408, a 429 is no such proof.
-            # Handed back only by a run that may have been taken over (_reopen): not by one inside its handler's time,
-            # which no other worker can have claimed (an outage's every failed attempt, which would look in vain).
-            if isinstance(exc, SmsNotSentError | SmsAccountError) and self._may_be_taken_over(job) and await (
-                    self._reopen(job, message.id, kept, str(exc))):
+            # Whether another run took the job over is the database's to say (_reopen's guarded move), not this
+            # run's clock: one whose host was suspended (CLOCK_MONOTONIC stops), or that stamped its claim late, reads
+            # itself inside its handler's time after its lease lapsed; and one whose clock counted its stall is
+            # cancelled by the worker (the handler's timeout) at its next await, before it could look.
+            if isinstance(exc, SmsNotSentError | SmsAccountError) and await self._reopen(
+                    job, message.id, kept, str(exc)):
                 return None
             if job.attempts >= job.max_attempts:
                 # The outbox parks the job after this attempt. The message did not leave: it stays QUEUED,
@@ -747,12 +749,6 @@ class SmsJobs:
         except Exception as exc:
             raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
 
-    def _may_be_taken_over(self, job: Job) -> bool:
-        """Whether another run may have taken this run's job over: it runs outside a worker (no lease), or past its
-        handler's time (Job.time_left), which ends inside the lease (the worker cancels a run there: one still running
-        stalled, and its lease may have lapsed). Before that, no other worker can have claimed the job."""
-        return job.locked_by is None or job.time_left(self.rt.settings.outbox_lease_seconds) <= 0
-
     async def _reopen(self, job: Job, message_id: str, kept: str, error: str) -> bool:
         """This run's request never connected (SmsNotSentError), or AT's API refused it for our account
         (SmsAccountError: an empty balance, a risk hold, the sender id or credentials; or the request could not be
@@ -764,8 +760,8 @@ class SmsJobs:
         row still so, by a job still DONE, to a number still the row's (not erased; a member's still hers: an erasure
         or release after the taker's record is seen, and one under way waited for, as _insert_held does): otherwise
         nothing changes and the row stays Unconfirmed. A 5xx (or a 408, a 429) is no such proof (AT's front end may
-        refuse after its API took the message): it stays Unconfirmed. Whether it was handed back. Asked only by a run
-        that may have been taken over (_may_be_taken_over): for any other, the row is this run's, QUEUED."""
+        refuse after its API took the message): it stays Unconfirmed. Whether it was handed back; one statement that
+        changes nothing on a plain connection failure or an account refusal (the row QUEUED)."""
         now = utcnow()
         try:
             async with self.rt.sessionmaker.begin() as session:

@@ -297,31 +297,6 @@ async def test_an_empty_balance_waits_and_the_receipt_goes_out_after_the_top_up(
     assert (await the_row(rt)).status == "SENT"
 
 
-async def test_an_outage_attempt_inside_its_lease_does_not_look_for_a_takeover(
-    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
-) -> None:
-    """An attempt refused for the account (or finding no connection) inside its handler's time was taken over by no
-    other run: it does not look for the taker's Unconfirmed to hand back (SmsJobs._reopen, a transaction whose UPDATE
-    could match nothing), on each of an outage's failed attempts; it waits as before. (A stalled run still does:
-    tests.channels.sms.test_send_in_flight.)"""
-    from channels.sms.jobs import SmsJobs
-
-    looked: list[int] = []
-    real_reopen = SmsJobs._reopen
-
-    async def reopen(self: Any, job: Any, *args: Any) -> bool:
-        looked.append(job.id)
-        return await real_reopen(self, job, *args)
-
-    monkeypatch.setattr(SmsJobs, "_reopen", reopen)
-    sim.set_failure("InsufficientBalance")
-    await queue_receipt(rt, demo)
-    await drain(worker)
-    job = await the_job(rt)
-    assert (job.status, (await the_row(rt)).status, looked) == ("PENDING", "QUEUED", [])
-    assert "InsufficientBalance" in job.last_error
-
-
 async def test_texts_held_by_a_refused_api_key_go_out_at_once_when_an_admin_runs_them(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -241,11 +242,13 @@ def _closed_port() -> int:
 
 
 async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any, *, unreachable: bool,
-                                failure: str = "http500", before_wake: Any = None
+                                failure: str = "http500", before_wake: Any = None, clock_stopped: bool = False
                                 ) -> tuple[asyncio.Task[None], OutboxJob]:
     """Run A stores her receipt and stalls before its request, past its lease; run B records it Unconfirmed without
     sending; then A wakes up and sends, to no listening port (`unreachable`: no connection made) or to the simulator
-    answering HTTP 500. (A's task, the job)"""
+    answering HTTP 500. `clock_stopped`: A's own clock did not count the stall (its host suspended: CLOCK_MONOTONIC
+    stops; or stamped late, the loop stalled between its claim's statement and the Job it built), so A still reads
+    itself inside its handler's time. (A's task, the job)"""
     real_send, stalled, go = rt.sms.send, asyncio.Event(), asyncio.Event()
     nowhere = AfricasTalkingSender(rt.http, AfricasTalkingConfig(
         base_url=f"http://127.0.0.1:{_closed_port()}", username="coop-test", api_key=Secret("k"),
@@ -262,6 +265,8 @@ async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any
     if not unreachable:
         sim.set_failure(failure, number=ALINE, times=1)
     run_a, job = await stalled_run(rt, stalled)
+    if clock_stopped:
+        object.__setattr__(job, "claimed", time.monotonic())
     await worker.run_job((await worker.claim())[0])  # B: recorded Unconfirmed, not sent
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", SENT_UNCONFIRMED, None)
@@ -292,6 +297,26 @@ async def test_a_stalled_run_that_cannot_connect_after_its_job_was_taken_over_ha
     assert [j.status for j in await jobs_of(rt, "sms.send")] == ["DONE"]
     assert await _actions(rt, row.id) in (["sms.sent", "sms.reopened", "sms.sent"],
                                           ["sms.sent", "sms.reopened", "sms.sent", "sms.delivered"])
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+
+
+async def test_a_stalled_run_whose_clock_did_not_count_the_stall_that_cannot_connect_has_it_sent_once(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
+) -> None:
+    """As above, but A's own clock did not count its stall (a suspended host or VM: CLOCK_MONOTONIC stops; or its
+    claim stamped late), so A reads itself inside its handler's time while the database's lease lapsed and B took
+    the job over. Whether it was taken over is the database's to say, not A's clock: the row is handed back and sent
+    once. Dropped otherwise: Unconfirmed, the job DONE, her receipt never sent."""
+    await queue_receipt(rt, demo)
+    _, job = await _taken_over_then_sent(rt, sim, worker, monkeypatch, unreachable=True, clock_stopped=True)
+    row = await the_row(rt)
+    assert (row.status, row.provider_status, row.failure_reason, row.sent_at) == ("QUEUED", None, None, None)
+    assert (job.status, job.locked_by) == ("PENDING", None) and job.last_error.startswith("sent again: ")
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) in {("SENT", went["id"]), ("DELIVERED", went["id"])}
     await drain(worker)
     assert len(sim.messages(ALINE)) == 1
 
