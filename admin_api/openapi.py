@@ -9,7 +9,7 @@ from aiohttp import web
 
 from admin_api import webhook_events
 from admin_api.common import ERROR
-from admin_api.routing import Ctx, Route
+from admin_api.routing import IDEMPOTENCY_KEY_HEADER, Ctx, Route
 from core.auth import OWN_PAYMENTS
 from core.errors import CODES
 
@@ -241,6 +241,12 @@ def _operation(route: Route) -> dict[str, Any]:
         {"name": name, "in": "query", "required": p.required, "description": p.description, "schema": p.schema()}
         for name, p in route.query.items()
     ]
+    if "idempotencyKey" in (route.body or {}).get("properties", {}):
+        params.append({"name": IDEMPOTENCY_KEY_HEADER, "in": "header", "required": False,
+                       "description": "the idempotency key, as the body's idempotencyKey (which it stands for when "
+                                      "the body has none; both given: the same key, else 400 VALIDATION_FAILED "
+                                      "naming both, nothing made)",
+                       "schema": {"type": "string", "minLength": 8, "maxLength": 128}})
     rate = route.effective_limit()
     headers = {h: {"description": text, "schema": {"type": "integer"}} for h, text in _RATE_HEADERS.items()}
     if route.produces == "application/json":

@@ -38,6 +38,10 @@ BODY_READ_SECONDS = 10.0
 RATE_MULTIPLIER = web.AppKey("rate_multiplier", float)
 # The header a handler sets on an answer to an earlier request under the same idempotency key (nothing new made).
 IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
+# Stripe's header, which many client libraries send on every POST: on a route keyed by the body's idempotencyKey it
+# stands for that key (header_key), so a client keying its requests by the header alone is not answered a retry
+# after a timeout with a second payment, refund, dispute or note.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 TOO_MANY = "Too many requests. Please try again later."
 
 
@@ -359,8 +363,27 @@ async def _read_raw_body(request: web.Request, route: Route) -> bytes | None:
                             "nothing was changed, send it again") from None
 
 
+def header_key(request: web.Request, body: Any) -> None:
+    """The Idempotency-Key header put in the body as its `idempotencyKey` (on a route whose body takes one), checked
+    first as the body's key would be: 8 to 128 characters. Both given: the same key, or 400 naming both (which one
+    the client meant cannot be told); nothing is made either way."""
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None or not isinstance(body, dict):
+        return
+    if "idempotencyKey" in body:
+        if body["idempotencyKey"] != key:
+            raise ValidationError(f"the {IDEMPOTENCY_KEY_HEADER} header and idempotencyKey in the body differ: send "
+                                  "the key in one of them, or the same key in both", field="idempotencyKey")
+        return
+    if not 8 <= len(key) <= 128:
+        raise ValidationError(f"the {IDEMPOTENCY_KEY_HEADER} header must be 8 to 128 characters (the idempotency "
+                              "key, as idempotencyKey in the body)", field="idempotencyKey")
+    body["idempotencyKey"] = key
+
+
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     fields = frozenset((route.body or {}).get("properties", {})) | frozenset(route.query)
+    keyed = "idempotencyKey" in (route.body or {}).get("properties", {})
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
         request[REQUEST_FIELDS] = fields  # what an error's `field` may name (admin_api.errors)
@@ -384,6 +407,8 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                 body: Any = None
                 if route.body is not None:
                     body = parse_json(raw or b"", request)
+                    if keyed:
+                        header_key(request, body)
                     validate(body, route.body)
                 elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
                     raise ApiError(400, ["this endpoint takes no request body"])
