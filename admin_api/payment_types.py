@@ -24,7 +24,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param
+from admin_api.validation import HINTS_KEYWORD, LIMIT, PAGE, Param
 from core import payment_types as service
 from core.errors import NotFound, ValidationError
 from core.models import Cooperative, PaymentType
@@ -78,7 +78,8 @@ CREATE = obj(
     },
     ["name", "amount"],
 )
-UPDATE = obj(_FIELDS, min_properties=1)
+UPDATE = {**obj(_FIELDS, min_properties=1), HINTS_KEYWORD: {
+    "currency": ": a payment type keeps the currency it was made with; make another type for another currency"}}
 _NAMES = {
     "isRecurring": "is_recurring",
     "recurringInterval": "recurring_interval",

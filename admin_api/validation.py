@@ -93,6 +93,9 @@ PATTERN_WORDS = {
 _AMOUNTS = {"amount", "refundAmount"}
 _EXTRA_HINTS = {"currency": ": the amount is in the currency its payment type (or payment) has, which a request "
                             "does not change; send the amount alone"}
+# A schema's own hints for the properties it refuses, instead of _EXTRA_HINTS ({name: text after "should not
+# exist"}): a payment type's PATCH takes an amount but its currency is no field of it to change, not one to leave out.
+HINTS_KEYWORD = "x-gateway-refused"
 
 
 def _where(error: SchemaError) -> str:
@@ -117,7 +120,7 @@ def _describe(error: SchemaError) -> list[str]:
             extra = sorted(k for k in instance if k not in allowed and not NOT_ALLOWED.search(k)) \
                 if isinstance(instance, dict) else []
             prefix = "" if where == "body" else f"{where}."
-            hints = _EXTRA_HINTS if allowed & _AMOUNTS else {}
+            hints = error.schema.get(HINTS_KEYWORD, _EXTRA_HINTS if allowed & _AMOUNTS else {})
             return [f"property {prefix}{name} should not exist{hints.get(name, '')}" for name in extra]
         case "type":
             kinds = value if isinstance(value, list) else [value]

@@ -78,3 +78,16 @@ async def test_a_type_in_another_currency_is_refused_naming_the_field(admin, rt)
     assert "field" not in body and len(body["message"]) == 2, body
     async with rt.sessionmaker() as s:
         assert await s.scalar(select(func.count(PaymentType.id)).where(PaymentType.name == "Levy")) == 0
+
+
+async def test_a_type_keeps_its_currency_and_a_patch_sending_one_is_told_so(admin, rt, demo):
+    # PATCH takes an amount but no currency: the hint for a refund's or a payment's amount ("send the amount
+    # alone") was said to an admin who sent a currency alone, meaning to change the type's.
+    rent = demo["payment_types"]["Monthly Rent"]
+    said = ("property currency should not exist: a payment type keeps the currency it was made with; make another "
+            "type for another currency")
+    for body in ({"currency": "USD"}, {"name": "Rent", "currency": "RWF"}, {"amount": 100, "currency": "RWF"}):
+        answer = await admin.json("PATCH", f"/v1/payment-types/{rent}", 400, json=body)
+        assert answer["message"] == [said], (body, answer)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(PaymentType, rent)).name == "Monthly Rent"
