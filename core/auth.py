@@ -907,6 +907,12 @@ def _folded_name_sqlite(element: _FoldedName, compiler: Any, **kw: Any) -> str:
     return f"{UNICODE_LOWER}({compiler.process(element.clauses, **kw)})"
 
 
+def folded(value: Any) -> ColumnElement[str]:
+    """`value` (a column, or a str as a bound value) lower-cased as a username is (_FoldedName): every letter on
+    SQLite, whose lower() folds A-Z only. Another name unique whatever its case (a payment type's) compares so."""
+    return _FoldedName(value)
+
+
 def username_is(username: str) -> ColumnElement[bool]:
     """Where an account's username is `username`, as it is signed in with: surrounding spaces dropped (as they are when
     an account is made) and whatever the case of either (a phone keyboard capitalises an e-mail address, an

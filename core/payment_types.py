@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
+from core.auth import folded
 from core.db import serialise_on_sqlite, utcnow
 from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.models import Cooperative, PaymentType
@@ -175,8 +176,13 @@ async def _name_taken(session: AsyncSession, cooperative_id: str, name: str, exc
     type as it is written, with its id and how to change it: "a payment type named 'Monthly rent' already exists"
     quoted the request, so an admin adding 'Monthly rent' beside the seeded 'Monthly Rent' was told of a type
     she could not find by that name, nor where it was."""
+    # Folded by the database on both sides (SQLite's lower() folds A-Z only: 'Électricité' lowered by Python was
+    # not the stored one lowered by SQLite, and the same name was taken twice), and the request's by Python too, for
+    # a PostgreSQL database whose LC_CTYPE is plain C (core.auth.username_is does the same).
+    typed = name.strip()
     stmt = select(PaymentType.id, PaymentType.name, PaymentType.is_active).where(
-        PaymentType.cooperative_id == cooperative_id, func.lower(PaymentType.name) == name.strip().lower()
+        PaymentType.cooperative_id == cooperative_id,
+        or_(folded(PaymentType.name) == folded(typed), folded(PaymentType.name) == typed.lower()),
     )
     if exclude_id:
         stmt = stmt.where(PaymentType.id != exclude_id)

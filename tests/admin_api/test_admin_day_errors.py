@@ -91,3 +91,18 @@ async def test_a_type_keeps_its_currency_and_a_patch_sending_one_is_told_so(admi
         assert answer["message"] == [said], (body, answer)
     async with rt.sessionmaker() as s:
         assert (await s.get(PaymentType, rent)).name == "Monthly Rent"
+
+
+async def test_a_type_name_with_accented_capitals_is_taken_whatever_the_database(admin, rt):
+    # SQLite's lower() folds A-Z only: 'Électricité' was not found by its own name (Python lowered the request's to
+    # 'électricité', SQLite the stored one to 'Électricité'), and a second type of the very same name was made.
+    made = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Électricité", "amount": 500})
+    for name in ("Électricité", "ÉLECTRICITÉ", "électricité"):
+        body = await admin.json("POST", "/v1/payment-types", 409, json={"name": name, "amount": 500})
+        assert (body["code"], body["field"]) == ("NAME_TAKEN", "name")
+        assert body["message"].startswith(f"a payment type named 'Électricité' already exists ({made['id']})")
+    other = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Eau", "amount": 500})
+    body = await admin.json("PATCH", f"/v1/payment-types/{other['id']}", 409, json={"name": "ÉLECTRICITÉ"})
+    assert body["code"] == "NAME_TAKEN"
+    async with rt.sessionmaker() as s:
+        assert await s.scalar(select(func.count(PaymentType.id)).where(PaymentType.name.like("%lectricit%"))) == 1
