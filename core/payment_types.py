@@ -198,8 +198,19 @@ def _refusal(errors: list[str]) -> ValidationError:
     """The refusal of a type's fields, naming in `field` the one every message is about (README "API errors"): each
     message starts with its field's name, but that no method collects the amount, which is the amount's. The
     cooperative's currency refused alone said so without `field`."""
-    about = {"amount" if text.startswith("no payment method") else text.split(" ", 1)[0] for text in errors}
+    about = {_about(text) for text in errors}
     return ValidationError(errors[0], errors=errors, field=about.pop() if len(about) == 1 else None)
+
+
+# The refusals about two fields together (a message's first word is one of them, whichever the request sent):
+# `field` is absent, as for any refusal about several (README "API errors").
+_SEVERAL = ("isRecurring is false, so ", "amount is 0, so ")
+
+
+def _about(text: str) -> str | None:
+    if text.startswith("no payment method"):
+        return "amount"
+    return None if text.startswith(_SEVERAL) else text.split(" ", 1)[0]
 
 
 def snapshot(pt: PaymentType) -> dict[str, Any]:

@@ -106,3 +106,18 @@ async def test_a_type_name_with_accented_capitals_is_taken_whatever_the_database
     assert body["code"] == "NAME_TAKEN"
     async with rt.sessionmaker() as s:
         assert await s.scalar(select(func.count(PaymentType.id)).where(PaymentType.name.like("%lectricit%"))) == 1
+
+
+async def test_a_type_refused_for_two_fields_together_names_neither(admin, demo):
+    # README "API errors": `field` is absent when a refusal is about several. The first word of these messages is
+    # one of the fields they are about: isRecurring was named for a dueDay sent with it false, and amount for an
+    # allowCustomAmount the request sent alone.
+    body = await admin.json("POST", "/v1/payment-types", 400, json={"name": "Levy", "amount": 500,
+                                                                   "isRecurring": False, "dueDay": 5})
+    assert body["message"] == ["isRecurring is false, so recurringInterval and dueDay must be null (or left out)"]
+    assert "field" not in body, body
+    free = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Gift", "amount": 0,
+                                                                   "allowCustomAmount": True})
+    body = await admin.json("PATCH", f"/v1/payment-types/{free['id']}", 400, json={"allowCustomAmount": False})
+    assert body["message"] == ["amount is 0, so allowCustomAmount must stay true unless a positive amount is set"]
+    assert "field" not in body, body
