@@ -163,7 +163,7 @@ CODES: dict[str, str] = {
     MEMBER_ERASED: "409: the payment's member was erased: the number to refund is no longer known, and nothing can "
                    "be sent; have the provider send the money back and record it with returnedByProvider",
     CONCURRENT_CHANGE: "409: what the request depends on was being changed by another at that moment (a dispute of "
-                       "the payment opened as its refund was made, or opened and changed as a refund's outcome was "
-                       "recorded or a member erased): nothing was changed; send it again (a refund: the same "
-                       "idempotency key)",
+                       "the payment opened as its refund was made, or opened and changed as a refund's outcome or a "
+                       "chargeback was recorded or a member erased): nothing was changed; send it again (a refund: the "
+                       "same idempotency key)",
 }
