@@ -388,9 +388,7 @@ class SmsJobs:
         if doubt:
             # The worker cancelled the previous attempt, or was lost while running it (its lease lapsed), most
             # likely waiting for AT's answer, or it failed to write AT's answer: AT may have the message.
-            cause = ("previous attempt's outcome not written" if _NOT_RECORDED in (job.last_error or "")
-                     else CUT_OFF_CAUSE)
-            await self._unconfirmed(job, message, cause, kept)
+            await self._unconfirmed(job, message, _doubt_cause(job), kept)
             return True
         return False
 
@@ -400,9 +398,16 @@ class SmsJobs:
         erasure, the release of her number), which read it QUEUED: the run whose answer came back could not write it
         (the database away under the write: _keep), or the action committed after that answer was kept and before
         this retry. The kept answer is then recorded on the row (_confirm: SENT with AT's id, its parked delivery
-        reports applied; or Unconfirmed), as that run would have; nothing is sent. One Redis read, for a run that
-        finds its row FAILED only (the job of a text held back, run once more)."""
+        reports applied; or Unconfirmed), as that run would have; nothing is sent. With no answer kept, the attempt
+        before this one cut off or lost with its worker (Job.interrupted: the action came before this retry, the
+        request of that run maybe out, its answer never back) is recorded as _settled_before records it on a QUEUED
+        row: Unconfirmed, since it may have gone (a held-back row said "never handed to Africa's Talking"). A row
+        stored by an earlier attempt that ended with nothing out (a 503, no connection) stays "not sent", and a run
+        lost before it stored the row left none to hold back. One Redis read, for a run that finds its row FAILED
+        only (the job of a text held back, run once more)."""
         found = Answer.load(await self.rt.hot_redis.get(kept))
+        if found is None and job.interrupted:
+            found = Answer(cause=_doubt_cause(job))
         if found is None:
             return
         job.mark_call_started()
@@ -576,7 +581,7 @@ class SmsJobs:
             if not result.accepted and not result.permanent:
                 raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
         except SmsUnconfirmedError as exc:
-            await self._unconfirmed(job, message, exc.cause, kept, sent=True)
+            await self._unconfirmed(job, message, exc.cause, kept)
             return None
         except SmsTemporaryError as exc:
             # Nothing went, for sure: no connection made, or AT's API refusing it for our account (its own answer, or a
@@ -726,14 +731,15 @@ class SmsJobs:
             # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
             log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
-    async def _unconfirmed(self, job: Job, message: Any, cause: str, kept: str, *, sent: bool = False) -> None:
+    async def _unconfirmed(self, job: Job, message: Any, cause: str, kept: str) -> None:
         """AT may have queued the message, and sending it again could give the member a second copy: it is
         recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
         job ends. An operator can check it against AT's dashboard; no delivery report can update it.
         The cause is kept first (`kept`: a later run, the row lost or not, records it so and never sends); should
-        the write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept again. `sent`: this run's
-        own request (its answer lost): a row a person's action marked "not sent" while it was out is recorded so too
-        (_confirm), since it may have gone."""
+        the write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept again. A row a person's
+        action marked "not sent" meanwhile (_HELD_BACK: it read the row QUEUED) is recorded so too (_confirm), since
+        it may have gone: this run's own request was out (its answer lost), or the run before this one was cut off or
+        lost mid-send (_settled_before read the row QUEUED just before the action committed)."""
         job.mark_call_started()
         log.warning(
             "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
@@ -744,7 +750,7 @@ class SmsJobs:
         values: dict[str, Any] = {"provider_status": SENT_UNCONFIRMED,
                                   "failure_reason": f"unconfirmed, not resent: {cause}", "sent_at": utcnow()}
         try:
-            if not await self._move(message.id, SmsStatus.SENT, finish=job, **values) and sent:
+            if not await self._move(message.id, SmsStatus.SENT, finish=job, **values):
                 await self._confirm(message.id, SmsStatus.SENT, values)
         except Exception as exc:
             raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
@@ -828,6 +834,14 @@ class SmsJobs:
 
 
 _NOT_RECORDED = SmsOutcomeNotRecorded.__name__
+
+
+def _doubt_cause(job: Job) -> str:
+    """Why a message whose previous attempt left doubt (Job.interrupted) is recorded Unconfirmed by this one: that
+    attempt failed to write AT's answer, or was cut off or lost with its worker (CUT_OFF_CAUSE)."""
+    return "previous attempt's outcome not written" if _NOT_RECORDED in (job.last_error or "") else CUT_OFF_CAUSE
+
+
 # The cause a run writes on a message it records Unconfirmed, without sending, because the attempt before it was cut
 # off or lost with its worker (SmsJobs._settled_before): a run that sends nothing. (Its failure_reason, _TAKEN_OVER.)
 CUT_OFF_CAUSE = "previous attempt cut off mid-send"
