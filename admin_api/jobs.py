@@ -87,7 +87,8 @@ DISCARD = {
                    "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome; "
                    "its provider not in PROVIDERS, only until the approval window and its grace are over). A "
                    "payment.contested job's flag is set on its payment by the discard itself. An sms.send's message "
-                   "is FAILED; a keyword's reply never handed to Africa's Talking (or never stored: its job parked "
+                   "is FAILED (refused, 409, when Africa's Talking accepted it and its answer is kept: replay it, "
+                   "which records it SENT with Africa's Talking's id and sends nothing again); a keyword's reply never handed to Africa's Talking (or never stored: its job parked "
                    "before it built the text) gives its count against the number's reply limits back, through an "
                    "sms.give_back job queued with the discard (the worker runs it moments later).",
 }
@@ -453,7 +454,9 @@ async def _discard_one(ctx: Ctx, job_id: int, reason: str) -> OutboxJob:
 async def _sms_not_sent(ctx: Ctx, job: OutboxJob, parked_with: str | None, reason: str) -> None:
     # A keyword's reply gives its count back through an outbox job queued here (channels.sms.jobs.GIVE_BACK_JOB):
     # run once the discard has committed, none when it rolls back (with its savepoint, in a bulk discard).
-    await sms_jobs.fail_for_discard(ctx.session, job, parked_with, reason=reason, actor=ctx.who.actor)
+    # Refused (409) when Africa's Talking accepted it (its answer kept): a replay records it SENT with AT's id.
+    await sms_jobs.fail_for_discard(ctx.session, job, parked_with, reason=reason, actor=ctx.who.actor,
+                                    redis=ctx.rt.hot_redis)
 
 
 async def _payment_still_asked(ctx: Ctx, job: OutboxJob) -> None:

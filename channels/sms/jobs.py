@@ -63,6 +63,7 @@ from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
+from core.errors import INVALID_STATE, Conflict
 from core.members import (
     ERASED_SMS_REASON,
     RELEASED_SMS_REASON,
@@ -931,7 +932,7 @@ async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> N
 
 
 async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: str | None, *, reason: str,
-                           actor: Actor) -> str | None:
+                           actor: Actor, redis: Any) -> str | None:
     """A parked 'sms.send' job is being discarded (admin_api.jobs), in the discard's transaction: its still-QUEUED
     message will never go, so it is FAILED ("discarded by an admin: <reason>", cut to the column's 64 characters:
     the whole reason is in the audit log and the job's lastError; the move audited as any is),
@@ -939,6 +940,13 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     handed to the aggregator: not in the delivery rate; a reminder so marked is not counted as sent), unless the
     job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
     send. The message's id, or None when no QUEUED message is stored for it.
+
+    Refused (Conflict, 409) when Africa's Talking accepted the message and its answer is kept (message_keys, on
+    `redis`): an earlier try sent it and could not write its outcome (the database away), and the job parked before a
+    try recorded it. It went: discarded, the row would say "failed" without AT's id, so its delivery report would find
+    no row. A replay records it SENT with that id (SmsJobs._settled_before), sends nothing, and applies the delivery
+    reports parked for it meanwhile. An answer kept as lost (Unconfirmed) makes it a plain failed send, as a last try
+    cut off does.
 
     A keyword's reply so marked gives its count back, and so does one whose job parked before it stored any message (an
     unknown template: a release removed it; a payload the build refused), its last try cut off too: a message is sent
@@ -959,6 +967,13 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
         return None  # sent (or ended otherwise: a reply switched since queued its give-back then)
     error = parked_with or ""
     may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
+    kept = Answer.load(await redis.get(message_keys(message_key(payload))[1]))
+    if kept is not None and kept.cause is None:
+        went = f" (message id {kept.provider_message_id})" if kept.provider_message_id else ""
+        raise Conflict(f"Africa's Talking accepted this SMS{went}: it went, and discarded it would be recorded "
+                       f"failed. Replay job {job.id} instead: it records the SMS SENT with Africa's Talking's answer, "
+                       "sending nothing again, and its delivery report then finds it", code=INVALID_STATE)
+    may_have_gone = may_have_gone or kept is not None
     try:
         await transition(session, SMS, stored.id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, values={
             "failure_reason": _fit("failure_reason", f"{DISCARDED_BY}{reason}"),

@@ -23,6 +23,7 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
+from tests.channels.sms.test_sent_twice import failing_sent_writes
 from tests.conftest import drain
 
 REASON = "the member paid at the office; receipt given by hand"
@@ -348,3 +349,53 @@ async def test_a_discarded_reply_never_stored_whose_last_try_was_cut_off_gives_i
     await drain(worker)
     assert [j.status for j in await jobs_of(rt, GIVE_BACK_JOB)] == ["DONE"]
     assert await _answered_of_six(rt, worker, sim, sms_client) == 5
+
+
+async def test_a_parked_send_that_africas_talking_accepted_is_not_discarded_but_replayed_with_its_id(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Its last try sent it (Africa's Talking accepted it) and could not write the outcome (the database away): it
+    parked with AT's answer kept. A discard would record it FAILED without AT's id, though it went, and its delivery
+    report (here posted before) would find no row: refused (409 INVALID_STATE, saying to replay it), also in a bulk
+    discard (skipped), the row still QUEUED. The replay records it SENT with AT's id, sending nothing again, and the
+    report parked for that id is applied (DELIVERED). Before, the discard answered 200 and the row said FAILED, no id."""
+    failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    job = await the_job(rt)
+    assert job.status == "PARKED" and "AT accepted it" in job.last_error
+    report = await sms_client.post("/sms/africastalking/delivery", data={"id": went["id"], "status": "Success"})
+    assert report.status == 200  # no row has the id yet: parked for it
+    admin = await bearer(sms_client, *demo["admin"])
+    refused = await admin.json("POST", f"/v1/jobs/{job.id}/discard", 409, json={"reason": REASON})
+    assert refused["code"] == "INVALID_STATE"
+    assert went["id"] in refused["message"] and f"Replay job {job.id}" in refused["message"]
+    bulk = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "sms.send"})
+    assert (bulk["discarded"], [s["id"] for s in bulk["skipped"]]) == ([], [job.id])
+    assert (await the_job(rt)).status == "PARKED" and (await the_row(rt)).status == "QUEUED"
+
+    await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
+    await drain(worker)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id, row.failure_reason) == ("DELIVERED", went["id"], None)
+    assert (await the_job(rt)).status == "DONE"
+    assert len(sim.requests) == 1 and len(sim.messages(ALINE)) == 1
+
+
+async def test_a_parked_send_whose_answer_was_kept_as_lost_is_discarded_as_one_that_may_have_gone(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any
+) -> None:
+    """Its answer kept as lost (Unconfirmed: AT may have it) though the job's last error does not say so: discarded as
+    a plain failed send, not Skipped ("never handed to Africa's Talking")."""
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    job = await the_job(rt)
+    await rt.hot_redis.set(message_keys(message_key(job.payload))[1], Answer(cause="ReadTimeout").dump())
+    admin = await bearer(client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("FAILED", None)
