@@ -253,8 +253,6 @@ class SmsJobs:
 
     async def send(self, job: Job) -> None:
         rt = self.rt
-        if rt.sms is None:
-            raise PermanentJobError("no SMS sender configured")
         payload = job.payload
         key = message_key(payload)
         # The previous attempt was cut off, lost with its worker, or failed after AT may have had the message:
@@ -262,6 +260,11 @@ class SmsJobs:
         doubt = job.interrupted
         if doubt:
             job.mark_call_started()
+        if rt.sms is None:
+            # Parked saying the doubt too (a park's error is written as it is): parked as "no SMS sender" alone, a
+            # discard read it as never sent (Skipped, a keyword reply's count given back while the lost run's request
+            # went: fail_for_discard), and a replay sent it again.
+            raise PermanentJobError(f"{INTERRUPTED}: {NO_SENDER}" if doubt else NO_SENDER)
         # One connection, in autocommit, for everything before the send: each statement is its own
         # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
@@ -835,6 +838,7 @@ class SmsJobs:
 
 
 _NOT_RECORDED = SmsOutcomeNotRecorded.__name__
+NO_SENDER = "no SMS sender configured"
 
 
 def _doubt_cause(job: Job) -> str:

@@ -4,6 +4,7 @@ to the aggregator), so the ops page no longer shows it waiting and prune may emp
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +21,7 @@ from core.ops import dashboard
 from core.outbox import INTERRUPTED
 from core.ratelimit import RateLimiter
 from tests.admin_api.conftest import bearer
-from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
 from tests.channels.sms.test_sent_twice import failing_sent_writes
@@ -399,3 +400,75 @@ async def test_a_parked_send_whose_answer_was_kept_as_lost_is_discarded_as_one_t
     await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
     row = await the_row(rt)
     assert (row.status, row.provider_status) == ("FAILED", None)
+
+
+@pytest.mark.usefixtures("limiter_clock")
+async def test_a_discarded_reply_whose_send_was_out_when_its_job_parked_keeps_its_count(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """Run A of her STOP's reply stores it and sends it, and stalls with its request out (Africa's Talking has it) past
+    its lease; the worker that takes the job over has no SMS sender configured (a deploy without the aggregator's
+    settings) and parks it at once. The park still says the previous try may have sent it, so the discard makes it a
+    plain failed send and gives no count back; A's answer then records it SENT with its id. It went, so it counts:
+    4 of her next 6 keywords answered, not 5. Before, the park said only "no SMS sender configured": the discard
+    wrote Skipped and gave the count back before A's answer came, one reply over her limit."""
+    await inbound(sms_client, ALINE, "STOP", "at-stop")
+    real_send, out, go = rt.sms.send, asyncio.Event(), asyncio.Event()
+
+    async def send(phone: Any, body: str) -> Any:
+        result = await real_send(phone, body)
+        if not out.is_set():
+            out.set()
+            await asyncio.wait_for(go.wait(), 30)
+        return result
+
+    monkeypatch.setattr(rt.sms, "send", send)
+    run_a, job = await stalled_run(rt, out)
+    sender, rt.sms = rt.sms, None
+    await worker.run_job((await worker.claim())[0])  # the taker: parked
+    rt.sms = sender
+    parked = await the_job(rt)
+    assert parked.status == "PARKED" and parked.last_error.startswith(INTERRUPTED)
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("FAILED", None)
+    assert await jobs_of(rt, GIVE_BACK_JOB) == []
+    await drain(worker)
+    go.set()
+    await run_a
+    [went] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) == ("SENT", went["id"])
+    assert await _answered_of_six(rt, worker, sim, sms_client) == 4
+
+
+async def test_a_replayed_send_whose_lost_run_had_it_out_when_a_worker_without_a_sender_parked_it_is_not_resent(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
+) -> None:
+    """As above, but run A is lost for good (its answer never recorded) and the job, parked by the worker without a
+    sender, is replayed once the settings are fixed: the replay records it Unconfirmed, not sending it again. Before,
+    the park's "no SMS sender configured" hid the doubt and the replay sent her a second copy."""
+    await queue_receipt(rt, demo)
+    real_send, out = rt.sms.send, asyncio.Event()
+
+    async def send(phone: Any, body: str) -> Any:
+        await real_send(phone, body)
+        out.set()
+        await asyncio.Event().wait()  # lost: the answer never comes back to this run
+
+    monkeypatch.setattr(rt.sms, "send", send)
+    run_a, job = await stalled_run(rt, out)
+    run_a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run_a
+    monkeypatch.setattr(rt.sms, "send", real_send)
+    sender, rt.sms = rt.sms, None
+    await worker.run_job((await worker.claim())[0])
+    rt.sms = sender
+    admin = await bearer(sms_client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
+    await drain(worker)
+    row = await the_row(rt)
+    assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", "Unconfirmed", None)
+    assert len(sim.requests) == 1 and len(sim.messages(ALINE)) == 1
