@@ -88,9 +88,10 @@ DISCARD = {
                    "its provider not in PROVIDERS, only until the approval window and its grace are over). A "
                    "payment.contested job's flag is set on its payment by the discard itself. An sms.send's message "
                    "is FAILED (refused, 409, when Africa's Talking accepted it and its answer is kept: replay it, "
-                   "which records it SENT with Africa's Talking's id and sends nothing again); a keyword's reply never handed to Africa's Talking (or never stored: its job parked "
-                   "before it built the text) gives its count against the number's reply limits back, through an "
-                   "sms.give_back job queued with the discard (the worker runs it moments later).",
+                   "which records it SENT with Africa's Talking's id and sends nothing again); a keyword's reply "
+                   "never handed to Africa's Talking (or never stored: its job parked before it built the text) "
+                   "gives its count against the number's reply limits back, through an sms.give_back job queued "
+                   "with the discard (the worker runs it moments later).",
 }
 JOB = out(
     {

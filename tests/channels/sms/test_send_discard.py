@@ -359,7 +359,7 @@ async def test_a_parked_send_that_africas_talking_accepted_is_not_discarded_but_
     parked with AT's answer kept. A discard would record it FAILED without AT's id, though it went, and its delivery
     report (here posted before) would find no row: refused (409 INVALID_STATE, saying to replay it), also in a bulk
     discard (skipped), the row still QUEUED. The replay records it SENT with AT's id, sending nothing again, and the
-    report parked for that id is applied (DELIVERED). Before, the discard answered 200 and the row said FAILED, no id."""
+    report parked for that id is applied (DELIVERED). Before, the discard answered 200, the row FAILED with no id."""
     failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
     await queue_receipt(rt, demo)
     await last_attempt(rt)
