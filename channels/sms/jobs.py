@@ -496,7 +496,9 @@ class SmsJobs:
 
     async def _confirm(self, message_id: str, target: SmsStatus, values: dict[str, Any]) -> bool:
         """This run sent the message (AT answered: accepted, `target` SENT, or refused it, REJECTED; or its answer was
-        lost, `target` SENT with `values` Unconfirmed) and the row had moved on from QUEUED meanwhile, without it:
+        lost, `target` SENT with `values` Unconfirmed; or the attempt before it was cut off or lost mid-send,
+        Job.interrupted, and this run records that as a lost answer: _held_back_sent, _unconfirmed) and the row had
+        moved on from QUEUED meanwhile, without it:
         - the run that took its job over recorded it Unconfirmed (SENT, no id: it found the row this run stored
           QUEUED, its job lost by this run, and could not tell whether this run had sent it, so it sent nothing);
         - a person's action wrote "not sent" on it while this run's request was out (_HELD_BACK: her erasure, the

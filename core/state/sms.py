@@ -50,7 +50,8 @@ SMS = StateMachine(
     # - confirmed: FAILED -> SENT, a text a person's action marked "not sent" (an erasure, a number release, an admin's
     #   discard) while its request was out, which Africa's Talking took; and SENT -> SENT, AT's id written over the
     #   taker's Unconfirmed;
-    # - sent: FAILED -> SENT Unconfirmed, that text's answer lost (it may have gone), audited as a lost answer is;
+    # - sent: FAILED -> SENT Unconfirmed, that text's answer lost (it may have gone), or its previous attempt cut off
+    #   or lost with its worker mid-send (Job.interrupted: the retry found it "not sent"), audited as a lost answer is;
     # - rejected: FAILED -> REJECTED, that text refused by Africa's Talking (as a refused send ends).
     recoveries={
         "reopened": frozenset({(M.SENT, M.QUEUED)}),
