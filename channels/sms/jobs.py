@@ -951,8 +951,9 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     `redis`): an earlier try sent it and could not write its outcome (the database away), and the job parked before a
     try recorded it. It went: discarded, the row would say "failed" without AT's id, so its delivery report would find
     no row. A replay records it SENT with that id (SmsJobs._settled_before), sends nothing, and applies the delivery
-    reports parked for it meanwhile. An answer kept as lost (Unconfirmed) makes it a plain failed send, as a last try
-    cut off does.
+    reports parked for it meanwhile. So too when her erasure or the release of her number has written "not sent" on
+    it while the job was parked (its replay: SmsJobs._held_back_sent). An answer kept as lost (Unconfirmed) makes it
+    a plain failed send, as a last try cut off does.
 
     A keyword's reply so marked gives its count back, and so does one whose job parked before it stored any message (an
     unknown template: a release removed it; a payload the build refused), its last try cut off too: a message is sent
@@ -961,7 +962,8 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
     commit left the reply parked and uncounted (replayed, it went, one more than her limit); after it, in the request, a
     process lost (or Redis failing) in between left it counted for good."""
     payload = job.payload or {}
-    stored = (await session.execute(select(SmsMessage.id, SmsMessage.status).where(
+    stored = (await session.execute(select(
+        SmsMessage.id, SmsMessage.status, SmsMessage.failure_reason, SmsMessage.provider_message_id).where(
         SmsMessage.idempotency_key == message_key(payload)))).first()
     if stored is None:
         # Whatever its last try's error (cut off too): a try sends only a message it stored first (a first send
@@ -969,11 +971,18 @@ async def fail_for_discard(session: AsyncSession, job: OutboxJob, parked_with: s
         # answer check, give_back_unsent).
         await _queue_give_back(session, job)
         return None
-    if stored.status != SmsStatus.QUEUED.value:
+    # Held back by her erasure or the release of her number while the job was parked (_HELD_BACK: read QUEUED, it
+    # wrote "not sent"): the job's replay records AT's kept answer on it (SmsJobs._held_back_sent), its discard would
+    # leave "never handed to Africa's Talking" without AT's id. Refused as a QUEUED one is, below.
+    held_back = (stored.status == SmsStatus.FAILED.value and stored.provider_message_id is None
+                 and stored.failure_reason in (ERASED_SMS_REASON, RELEASED_SMS_REASON))
+    if stored.status != SmsStatus.QUEUED.value and not held_back:
         return None  # sent (or ended otherwise: a reply switched since queued its give-back then)
     error = parked_with or ""
     may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
     kept = Answer.load(await redis.get(message_keys(message_key(payload))[1]))
+    if held_back and (kept is None or kept.cause is not None):
+        return None  # ended already, by the person's action; its replay would record what the job's doubt says
     if kept is not None and kept.cause is None:
         went = f" (message id {kept.provider_message_id})" if kept.provider_message_id else ""
         raise Conflict(f"Africa's Talking accepted this SMS{went}: it went, and discarded it would be recorded "

@@ -24,6 +24,7 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
+from tests.channels.sms.test_send_in_flight import _erase, _release
 from tests.channels.sms.test_sent_twice import failing_sent_writes
 from tests.conftest import drain
 
@@ -472,3 +473,33 @@ async def test_a_replayed_send_whose_lost_run_had_it_out_when_a_worker_without_a
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", "Unconfirmed", None)
     assert len(sim.requests) == 1 and len(sim.messages(ALINE)) == 1
+
+
+@pytest.mark.parametrize("action", ["erasure", "release"])
+async def test_a_parked_send_that_africas_talking_accepted_held_back_by_her_erasure_is_not_discarded_but_replayed(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any, action: str
+) -> None:
+    """As above, but her erasure (or the release of her number) came while the job was parked: it read the row QUEUED
+    and wrote "not sent" (Skipped). The discard is refused all the same (409, replay it): discarded, the row stayed
+    "never handed to Africa's Talking" without AT's id, its delivery report finding no row. The replay records it SENT
+    with AT's id (_held_back_sent), sending nothing again. Before, the discard answered 200, the row left Skipped."""
+    failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    job = await the_job(rt)
+    assert job.status == "PARKED" and "AT accepted it" in job.last_error
+    await (_erase if action == "erasure" else _release)(rt, demo)
+    assert (await the_row(rt)).status == "FAILED"
+    admin = await bearer(sms_client, *demo["admin"])
+    refused = await admin.json("POST", f"/v1/jobs/{job.id}/discard", 409, json={"reason": REASON})
+    assert refused["code"] == "INVALID_STATE" and went["id"] in refused["message"]
+    bulk = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "sms.send"})
+    assert (bulk["discarded"], [s["id"] for s in bulk["skipped"]]) == ([], [job.id])
+    await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
+    await drain(worker)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) == ("SENT", went["id"])
+    assert (await the_job(rt)).status == "DONE"
+    assert len(sim.requests) == 1
