@@ -62,16 +62,30 @@ async def test_the_201_carries_the_invoice_url_made_by_the_api_process(admin: Ca
 
 
 async def test_a_job_a_worker_holds_is_watched_not_run_twice(admin: Caller, rt: Any, demo: Any, irembo: Irembo,
-                                                            worker: Any) -> None:
+                                                            worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     _wait(rt, 0)
     body = _bank(demo)
     created = await admin.json("POST", "/v1/payments", 201, json=body)
     assert created["paymentUrl"] is None and created["status"] == "PENDING"
     [job] = await worker.claim(key=f"collect:{created['id']}")  # a worker took it first
-    assert await CollectNow.of(rt)._may_change(created["id"])  # its run is what the wait watches for
-    waiting = asyncio.create_task(CollectNow.of(rt).wait(created["id"], 20))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()  # the API process does not run a job a worker holds: it watches the row
+    collect = CollectNow.of(rt)
+    assert await collect._may_change(created["id"])  # its run is what the wait watches for
+    watching, look = asyncio.Event(), collect._may_change
+
+    async def may_change(payment_id: str) -> bool:
+        changing = await look(payment_id)
+        watching.set()
+        return changing
+
+    # Until the wait looks at the row, not for a fixed pause: a loaded host's pause could end before a wait that
+    # ran the job itself had finished its call, and the test passed without the wait having watched.
+    monkeypatch.setattr(collect, "_may_change", may_change)
+    waiting = asyncio.create_task(collect.wait(created["id"], 20))
+    watch = asyncio.create_task(watching.wait())
+    await asyncio.wait([waiting, watch], timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    assert watching.is_set() and not waiting.done()  # the API process does not run a job a worker holds: it watches
+    assert irembo.sent == []
     await worker.run_job(job)
     await asyncio.wait_for(waiting, 20)
     assert irembo.calls(*INVOICES) == 1

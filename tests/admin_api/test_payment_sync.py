@@ -163,8 +163,19 @@ async def test_a_change_waiting_for_a_pooled_connection_is_stamped_when_it_has_o
                 await transition(s, PAYMENT, a, PaymentStatus.PENDING, PaymentStatus.FAILED,
                                  actor=Actor("provider:test", "provider"), values={"failure_reason": "declined"})
 
+        pool, waiting = engine.sync_engine.pool, asyncio.Event()
+        checkout = pool.connect
+
+        def connect() -> Any:
+            # Set before the checkout waits: the writer yields to the test only once it waits in the pool's queue
+            # (nothing in between goes to the database), so its move is waiting for the connection, however slow
+            # the host (a fixed pause let a stalled loop start the move after B's change: no test of the stamp).
+            waiting.set()
+            return checkout()
+
+        pool.connect = connect  # type: ignore[method-assign]
         writer = asyncio.create_task(fail_a())
-        await asyncio.sleep(0.3)  # A's move is waiting for the connection
+        await asyncio.wait_for(waiting.wait(), 30)  # A's move is waiting for the connection
         await complete_payment(rt, b)
         page = await sync.json("GET", f"/v1/payments?after={first['nextCursor']}&limit=10", 200)
         assert [(p["id"], p["status"]) for p in page["data"]] == [(b, "COMPLETED")]

@@ -112,15 +112,34 @@ async def _in_flight(client: Any, monkeypatch: Any, username: str, passwords: li
     return release, started
 
 
+async def _waiting_behind_them(client: Any, monkeypatch: Any, username: str, password: str) -> asyncio.Future[Any]:
+    """A sign-in started behind the attempts in flight, returned once it has found them in its way and waits for
+    them (asserted: it was not answered instead). A fixed pause let a loaded host's sign-in reach the counts only
+    after the attempts it was to wait for had ended: the test passed without one waiting."""
+    waiting = asyncio.Event()
+    real = auth_routes._must_wait
+
+    def must_wait(*args: Any) -> bool:
+        if decided := real(*args):
+            waiting.set()
+        return decided
+
+    monkeypatch.setattr(auth_routes, "_must_wait", must_wait)
+    sign_in = asyncio.ensure_future(_sign_in(client, username, password))
+    watch = asyncio.ensure_future(waiting.wait())
+    await asyncio.wait([sign_in, watch], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    assert waiting.is_set() and not sign_in.done()
+    return sign_in
+
+
 @pytest.mark.usefixtures("limiter_clock")
 async def test_a_right_password_waits_for_the_attempts_being_checked(client, demo, monkeypatch):
     """Ten right passwords are being checked when an eleventh comes: it waits for them instead of being told
     that sign-in failed too often, and signs in."""
     username, password = demo["admin"]
     release, started = await _in_flight(client, monkeypatch, username, [password] * 10)
-    eleventh = asyncio.ensure_future(_sign_in(client, username, password))
-    await asyncio.sleep(0.3)
-    assert not eleventh.done()
+    eleventh = await _waiting_behind_them(client, monkeypatch, username, password)
     release.set()
     assert [(await a).status for a in started] == [200] * 10
     answer = await eleventh
@@ -132,8 +151,7 @@ async def test_a_right_password_behind_ten_wrong_ones_being_checked_is_refused_o
         client, demo, monkeypatch):
     username, password = demo["admin"]
     release, started = await _in_flight(client, monkeypatch, username, [f"guess-{i}" for i in range(10)])
-    eleventh = asyncio.ensure_future(_sign_in(client, username, password))
-    await asyncio.sleep(0.3)
+    eleventh = await _waiting_behind_them(client, monkeypatch, username, password)
     release.set()
     assert [(await a).status for a in started] == [401] * 10
     answer = await eleventh
