@@ -288,9 +288,10 @@ def _dial_module(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def _endpoint(reply: dict[str, object] | str) -> Iterator[tuple[str, list[bytes]]]:
-    """An HTTP server on this machine answering every POST with `reply` (JSON, or CON/END text): its URL and the
-    bodies it was sent."""
+def _endpoint(reply: dict[str, object] | str, host: str = "127.0.0.1",
+              reached: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[bytes]]]:
+    """An HTTP server on this machine (`host`) answering every POST with `reply` (JSON, or CON/END text): its URL and
+    the bodies it was sent; `reached`, if given, gets each POST's Host header and path."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -299,6 +300,8 @@ def _endpoint(reply: dict[str, object] | str) -> Iterator[tuple[str, list[bytes]
     class Endpoint(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             sent.append(self.rfile.read(int(self.headers["Content-Length"])))
+            if reached is not None:
+                reached.append((self.headers["Host"], self.path))
             body = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -308,10 +311,10 @@ def _endpoint(reply: dict[str, object] | str) -> Iterator[tuple[str, list[bytes]
         def log_message(self, *_args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    server = ThreadingHTTPServer((host, 0), Endpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sent
+        yield f"http://{host}:{server.server_address[1]}", sent
     finally:
         server.shutdown()
         server.server_close()
@@ -752,34 +755,12 @@ def test_dial_calls_the_port_the_gateway_was_started_on():
 def test_dial_calls_the_address_and_port_the_gateway_listens_on():
     # HOST=127.0.0.2 (another loopback address) and PORT: `dial` without a URL called 127.0.0.1, where nothing
     # listened, and `python -m channels.ussd.dial` called 127.0.0.1:8080 whatever PORT said.
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     reached: list[tuple[str, str]] = []
-
-    class Gateway(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            reached.append((self.headers["Host"], self.path))
-            body = b"END Bye"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.2", 0), Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    env = {"HOST": "127.0.0.2", "PORT": str(port)}
-    try:
+    with _endpoint("END Bye", host="127.0.0.2", reached=reached) as (url, _sent):
+        port = int(url.rsplit(":", 1)[1])
+        env = {"HOST": "127.0.0.2", "PORT": str(port)}
         results = [_main("dial", "*384*123#", "+250788000001", **env),
                    _dial_module("*384*123#", "+250788000001", **env)]
-    finally:
-        server.shutdown()
-        server.server_close()
     for result in results:
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert result.stdout.splitlines()[1] == "Bye", result.stdout

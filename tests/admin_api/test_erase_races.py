@@ -65,6 +65,36 @@ async def _lined_up(rt: Any, held: Any, *steps: Coroutine[Any, Any, Any]) -> lis
             step.close()  # never started (the blocker failed)
 
 
+@asynccontextmanager
+async def _officer_at_a_dispute_opened_as_she_is_erased(rt: Any, paid: Payment, member_id: str, reference: str
+                                                        ) -> AsyncIterator[tuple[AsyncSession, asyncio.Task[Any], str]]:
+    """A dispute of her payment committed while her erasure waited for the payment (held FOR NO KEY UPDATE, as the
+    dispute's opening holds it: the erasure's dispute lock taken before), then an officer's transaction holding
+    that dispute (core.disputes.move_dispute) as the payment is let go. Yields the officer's session (begun), the
+    erasure's task and the dispute's id once the erasure waits at the dispute (or has gone on without it: the
+    test's assertions tell)."""
+    blocker, officer = rt.sessionmaker(), rt.sessionmaker()
+    try:
+        await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
+        erasure = asyncio.create_task(_erased(rt, member_id))
+        await waiting_for_locks(rt, 1)
+        async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
+            dispute = Dispute(cooperative_id=paid.cooperative_id, payment_id=paid.id, reference=reference,
+                              reason="OTHER", status="OPEN", channel="api",
+                              notes=[{"at": "2026-12-07T07:00:00Z", "actor": ADMIN.id, "text": f"for {NAME}"}])
+            s.add(dispute)
+        await officer.begin()  # an officer resolving it: its row locked (core.disputes.move_dispute)
+        await officer.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await officer.execute(select(Dispute.id).where(Dispute.id == dispute.id).with_for_update())
+        await blocker.commit()
+        await waiting_for_locks(rt, 1, done=erasure)  # the erasure, at the dispute (or gone on without it)
+        yield officer, erasure, dispute.id
+    finally:
+        await blocker.close()
+        await officer.close()
+
+
 async def _refund_word(rt: Any, **event: Any) -> str:
     """Her refund's provider callback (core.refunds.handle_refund_event), from MTN MoMo."""
     from core.ports import EventKind
@@ -468,31 +498,12 @@ async def test_a_dispute_opened_as_she_is_erased_and_resolved_at_once_is_neither
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    blocker, officer = rt.sessionmaker(), rt.sessionmaker()
-    try:
-        await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 1)
-        async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
-            payment = await s.get(Payment, paid.id)
-            s.add(Dispute(cooperative_id=payment.cooperative_id, payment_id=paid.id, reference="DSP-RACE-1",
-                          reason="OTHER", status="OPEN", channel="api",
-                          notes=[{"at": "2026-12-07T07:00:00Z", "actor": ADMIN.id, "text": f"for {NAME}"}]))
-        async with rt.sessionmaker() as s:
-            dispute_id = (await s.execute(select(Dispute.id).where(Dispute.payment_id == paid.id))).scalar_one()
-        await officer.begin()  # an officer resolving it: its row locked (core.disputes.move_dispute)
-        await officer.execute(text("SET LOCAL lock_timeout = '10s'"))
-        await officer.execute(select(Dispute.id).where(Dispute.id == dispute_id).with_for_update())
-        await blocker.commit()
-        await waiting_for_locks(rt, 1)  # the erasure, at the dispute
+    async with _officer_at_a_dispute_opened_as_she_is_erased(rt, paid, jeanne["id"], "DSP-RACE-1") as (
+            officer, erasure, dispute_id):
         await move_dispute(officer, rt, dispute_id=dispute_id, cooperative_id=None, target="RESOLVED", actor=ADMIN,
                            note=f"paid back to {NAME}")
         await officer.commit()
         await erasure
-    finally:
-        await blocker.close()
-        await officer.close()
     async with rt.sessionmaker() as s:
         stored = await s.get(Dispute, dispute_id)
         events = (await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event"))).scalars().all()
@@ -1024,24 +1035,10 @@ async def test_a_dispute_opened_as_she_is_erased_and_resolved_with_a_chargeback_
     paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, created_at=datetime.now(UTC))
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
-    blocker, officer = rt.sessionmaker(), rt.sessionmaker()
-    try:
-        await blocker.begin()  # the payment, as the dispute's opening holds it (FOR NO KEY UPDATE)
-        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update(key_share=True))
-        erasure = asyncio.create_task(_erased(rt, jeanne["id"]))
-        await waiting_for_locks(rt, 1)
-        async with rt.sessionmaker.begin() as s:  # the dispute that opening wrote, committed as the erasure waits
-            dispute = Dispute(cooperative_id=paid.cooperative_id, payment_id=paid.id, reference="DSP-RACE-2",
-                              reason="OTHER", status="OPEN", channel="api",
-                              notes=[{"at": "2026-12-07T07:00:00Z", "actor": ADMIN.id, "text": f"for {NAME}"}])
-            s.add(dispute)
-        await officer.begin()  # an officer resolving it: its row locked (core.disputes.move_dispute)
-        await officer.execute(text("SET LOCAL lock_timeout = '10s'"))
-        await officer.execute(select(Dispute.id).where(Dispute.id == dispute.id).with_for_update())
-        await blocker.commit()
-        await waiting_for_locks(rt, 1, done=erasure)  # the erasure, at the dispute (or gone on without it)
+    async with _officer_at_a_dispute_opened_as_she_is_erased(rt, paid, jeanne["id"], "DSP-RACE-2") as (
+            officer, erasure, dispute_id):
         try:
-            await move_dispute(officer, rt, dispute_id=dispute.id, cooperative_id=None, target="RESOLVED",
+            await move_dispute(officer, rt, dispute_id=dispute_id, cooperative_id=None, target="RESOLVED",
                                actor=ADMIN, note=f"charged back to {NAME}", refund_amount=Money(50000, "RWF"),
                                returned=ReturnedByProvider("MTN-CB-9"))
             await officer.commit()
@@ -1049,13 +1046,10 @@ async def test_a_dispute_opened_as_she_is_erased_and_resolved_with_a_chargeback_
         except Exception as exc:
             resolution = exc
         results = [resolution, *(await asyncio.gather(erasure, return_exceptions=True))]
-    finally:
-        await blocker.close()
-        await officer.close()
     assert results[0] is None and not isinstance(results[1], BaseException), results
     async with rt.sessionmaker() as s:
         member = await s.get(Member, jeanne["id"])
-        stored = await s.get(Dispute, dispute.id)
+        stored = await s.get(Dispute, dispute_id)
         payment = await s.get(Payment, paid.id)
     assert (member.name, member.phone_enc) == ("Erased member", None)
     assert stored.status == "RESOLVED" and stored.refund_id is not None
