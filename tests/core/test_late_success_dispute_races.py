@@ -61,16 +61,8 @@ async def _refund(rt: Any, payment: Payment) -> Refund:
 async def _setup(rt: Any, demo: dict[str, Any]) -> tuple[Payment, Refund, Refund, Dispute]:
     """The payment; `failed`, a full refund the provider refused (FAILED); `waiting`, the full refund asked for since
     (PENDING, untried, linked to no dispute); and a dispute opened after both (OPEN)."""
-    payment = await _paid(rt, demo)
-    failed = await _refund(rt, payment)
-    async with rt.sessionmaker.begin() as s:
-        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{failed.id}").values(status="DONE"))
-        await s.execute(update(Refund).where(Refund.id == failed.id).values(status="PROCESSING"))
-    assert await handle_provider_event(rt, _provider_says(failed, ProviderOutcome.FAILED)) == "failed"
-    waiting = await _refund(rt, payment)
-    async with rt.sessionmaker.begin() as s:
-        dispute = await open_dispute(s, payment=await s.get(Payment, payment.id), reason="OTHER", channel="api",
-                                     actor=ADMIN, cipher=rt.cipher, answer_days=90, note="charged twice")
+    payment, failed, waiting = await _undisputed(rt, demo)
+    dispute = await _opened(rt, payment)
     assert waiting.dispute_id is None and failed.dispute_id is None
     return payment, failed, waiting, dispute
 
@@ -410,7 +402,9 @@ async def _opened(rt: Any, payment: Payment) -> Dispute:
 
 
 async def _undisputed(rt: Any, demo: dict[str, Any]) -> tuple[Payment, Refund, Refund]:
-    """_setup's payment, `failed` and `waiting`, without a dispute (the one opened in the race is its only one)."""
+    """The payment; `failed`, a full refund the provider refused (FAILED); and `waiting`, the full refund asked for
+    since (PENDING, untried, linked to no dispute): _setup's, without a dispute (_opened, once a test's race is
+    under way, opens its only one)."""
     payment = await _paid(rt, demo)
     failed = await _refund(rt, payment)
     async with rt.sessionmaker.begin() as s:

@@ -63,13 +63,19 @@ async def test_the_swahili_list_keeps_the_type_whole_beside_a_long_amount(operat
         "1. Tuma hali kwa SMS", "0. Rudi", "00. Mwanzo"], detail
 
 
+async def _lapsed_by_nalo(client: Any, rt: Any, session: str, extension: str) -> Payment:
+    """Kwame pays the cooperative's (USSD extension) first payment type through Nalo and lets its prompt lapse
+    (_lapsed): the payment."""
+    await nalo(client, session, f"*384*123*{extension}#", True, KWAME)
+    await nalo(client, session, "1", False, KWAME)  # Pay
+    await nalo(client, session, "1", False, KWAME)  # its first type
+    assert (await nalo(client, session, "1", False, KWAME))["MSG"].startswith("Approve the prompt")
+    return await _lapsed(rt)
+
+
 async def test_nalos_english_detail_keeps_the_payment_type(operator: Caller, client: Any, rt: Any) -> None:
     await _coop(operator, "GH", "7", "1234.56", {"name": "Kwame Mensah", "phone": KWAME, "language": "en"})
-    await nalo(client, "nalo-lapsed-1", "*384*123*7#", True, KWAME)
-    await nalo(client, "nalo-lapsed-1", "1", False, KWAME)  # Pay
-    await nalo(client, "nalo-lapsed-1", "1", False, KWAME)  # Monthly Rent
-    assert (await nalo(client, "nalo-lapsed-1", "1", False, KWAME))["MSG"].startswith("Approve the prompt")
-    payment = await _lapsed(rt)
+    payment = await _lapsed_by_nalo(client, rt, "nalo-lapsed-1", "7")  # Monthly Rent
     await nalo(client, "nalo-lapsed-2", "*384*123*7#", True, KWAME)
     listing = (await nalo(client, "nalo-lapsed-2", "2", False, KWAME))["MSG"]
     assert listing == (f"Your recent payments:\n1. GHS 1,234.56 Monthly Rent Not approved in time {payment.reference}"
@@ -94,11 +100,7 @@ async def test_nalos_detail_shortens_a_long_payment_type_rather_than_dropping_it
         "name": "Security and maintenance levy", "amount": "1234.56", "cooperativeId": coop["id"]})
     await operator.json("POST", "/v1/members", 201, json={"name": "Kwame Mensah", "phone": KWAME,
                                                           "language": "en", "cooperativeId": coop["id"]})
-    await nalo(client, "nalo-levy-1", "*384*123*8#", True, KWAME)
-    await nalo(client, "nalo-levy-1", "1", False, KWAME)  # Pay
-    await nalo(client, "nalo-levy-1", "1", False, KWAME)  # the levy
-    assert (await nalo(client, "nalo-levy-1", "1", False, KWAME))["MSG"].startswith("Approve the prompt")
-    payment = await _lapsed(rt)
+    payment = await _lapsed_by_nalo(client, rt, "nalo-levy-1", "8")  # the levy
     await nalo(client, "nalo-levy-2", "*384*123*8#", True, KWAME)
     await nalo(client, "nalo-levy-2", "2", False, KWAME)  # My payments
     screen = (await nalo(client, "nalo-levy-2", "1", False, KWAME))["MSG"]
