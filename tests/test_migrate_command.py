@@ -120,9 +120,17 @@ async def test_two_migrates_at_once_apply_each_revision_once_and_both_succeed(mi
         else:
             raise AssertionError("the first migrate never started its index build")
         processes.append(await start())
-        await asyncio.sleep(3)  # the second migrate reaches what the first is building
+        # The second migrate reaches what the first is building: until it says it waits for it, not a fixed pause
+        # (a loaded host's second migrate, slower to start, came once the first was done: nothing was tested).
+        # 60 s at most: never waiting fails the test (two at once, without the lock).
+        said_first: list[bytes] = []
+        while not (said_first and b"another migrate is running" in said_first[-1]):
+            line = await asyncio.wait_for(processes[1].stderr.readline(), 60)  # type: ignore[union-attr]
+            assert line, b"".join(said_first).decode()  # ended without waiting for the first
+            said_first.append(line)
         await in_flight.commit()
         outputs = [await asyncio.wait_for(process.communicate(), 120) for process in processes]
+        outputs[1] = (outputs[1][0], b"".join(said_first) + outputs[1][1])
         said = [(process.returncode, [json.loads(line)["msg"].split(",")[0] for line in err.decode().splitlines()
                                       if line.startswith("{")], err.decode().splitlines()[-1:] if err else [])
                 for process, (_out, err) in zip(processes, outputs, strict=True)]

@@ -58,12 +58,19 @@ async def test_a_busy_worker_claims_no_more_than_its_free_slots(sm):
             await enqueue(session, "test.slow", {"n": n})
     busy = OutboxWorker(sm, {"test.slow": slow}, batch_size=50, concurrency=2, lease_seconds=60, idle_sleep=0.02)
     loop = asyncio.create_task(busy.run_forever())
+
+    def waiting_for_a_slot() -> bool:
+        """The busy worker's loop waits for a slot (its task in the semaphore's queue), its two jobs started: from
+        there it claims nothing until one ends. What it claimed before it came to wait is in the table."""
+        return len(started) == 2 and loop._fut_waiter in (busy._sem._waiters or ())  # type: ignore[attr-defined]
+
     try:
-        for _ in range(200):
-            if len(started) == 2:
-                break
+        # Until then, not a fixed pause: a loaded host's pause could end before the loop came round to claim again
+        # (one claiming ahead of its slots then passed). 30 s at most: never there fails the test.
+        give_up = asyncio.get_running_loop().time() + 30
+        while not waiting_for_a_slot():
+            assert not loop.done() and asyncio.get_running_loop().time() < give_up, (started, loop)
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)  # a few more turns of its loop, slots still full
         async with sm() as session:
             held = (await session.execute(select(func.count()).where(OutboxJob.locked_by == busy.worker_id))
                     ).scalar_one()
