@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.ussd.i18n import SHORT, VARIANTS, translate, translate_fit
+from channels.ussd.i18n import KEEP, SHORT, VARIANTS, has, translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
 from core import gsm
 from core.errors import DomainError
@@ -209,12 +209,32 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
     """The message within `room` septets, its free-text names (a payment type's, a cooperative's, a person's)
     shortened as far as MIN_NAME characters if need be, then the arguments `then` names, in their order; None
     when even that does not fit (`or_cut`: that shortest text cut at its end, so what comes first stays whole). The
-    common case, a message that fits, costs one translation. A message's `.shorter` form (what drops a name the
-    `.short` one keeps: the payment detail's type) is taken only when the names at their shortest do not fit: it
-    dropped a 29-character payment type on Nalo where "Security and mai.." fitted."""
+    common case, a message that fits, costs one translation. A message's `.shorter` form (the payment detail's
+    without its date, which its reference carries) is taken only when the names at their shortest do not fit in its
+    `.short` one, and its `.shortest` (what drops a name: the detail's type) only when they do not fit in either: it
+    dropped a 29-character payment type on Nalo where "Security and mai.." fitted, and on Nalo's French,
+    Kinyarwanda and Swahili details beside a long amount where the type fitted without the date."""
     text = ctx.t_fit(msgid, room, variants=SHORT, **args)
     if gsm.length(text) <= room:
         return text
+    cut: dict[str, str] = {}
+    for variants in (SHORT, KEEP) if has(ctx.state.lang, msgid + KEEP[-1]) else (SHORT,):
+        text, cut = _shortened(ctx, msgid, room, args, then, variants)
+        if gsm.length(text) <= room:
+            return text
+    # The shortest form, its names whole, else as shortened (the same text as above for a message without one).
+    for shortest in (args, {**args, **cut}):
+        text = ctx.t_fit(msgid, room, **shortest)
+        if gsm.length(text) <= room:
+            return text
+    return fit(text, room) if or_cut else None
+
+
+def _shortened(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple[str, ...],
+               variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """The message in the first of `variants` that fits, its names shortened (fit_names) until it fits in `room` or
+    they are as short as they may get, and those shortened names."""
+    text = ctx.t_fit(msgid, room, variants=variants, **args)
     full = {k: " ".join(v.split()) for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
     cutters = {k: v.cut for k, v in args.items() if k in full and isinstance(v, Name)}
     sizes = {k: len(v) for k, v in full.items()}
@@ -230,15 +250,8 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
             for key in names:
                 sizes[key] = min(sizes[key], level)
             cut = {k: cutters[k](sizes[k]) if k in cutters else cut_name(v, sizes[k]) for k, v in full.items()}
-            text = ctx.t_fit(msgid, room, variants=SHORT, **{**args, **cut})
-    if gsm.length(text) <= room:
-        return text
-    # The shortest form, its names whole, else as shortened (the same text as above for a message without one).
-    for shortest in (args, {**args, **cut}):
-        text = ctx.t_fit(msgid, room, **shortest)
-        if gsm.length(text) <= room:
-            return text
-    return fit(text, room) if or_cut else None
+            text = ctx.t_fit(msgid, room, variants=variants, **{**args, **cut})
+    return text, cut
 
 
 def _title(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str:

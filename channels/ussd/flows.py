@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, records, sessions
 from channels.ussd.engine import LINE, MIN_NAME, Ctx, Ended, Invalid, Item, Name, cut_name, fit_names
-from channels.ussd.i18n import LANGUAGES
+from channels.ussd.i18n import LANGUAGES, has
 from channels.ussd.types import side_effect_started
 from core import gsm
 from core.audit import Actor
@@ -1320,7 +1320,11 @@ def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> st
     # A status too long to stand beside the whole type takes the list's own short form (status.<S>.short, where the
     # language has a shorter one) before the type is shortened: Swahili "Haikuthibitishwa kwa wakati" beside
     # "KES 12,345.00" cut "Monthly Rent" to "Monthly..". The detail, with a line of its own, keeps the whole one.
-    beside = room - (gsm.length(ctx.t("my.line", **args)) - gsm.length(args["status"]))
+    # The whole one (the SMS's words: "Not paid: recorded in error") also only where the line leaves the page its
+    # title and footer: on Nalo's 120 characters a 72-character line cut the title ("Ubwishyu bwa..").
+    page = ctx.limit - gsm.length("\n".join(ctx.t(m) for m in ("my.title", "nav.more", "nav.back", "nav.home")))
+    beside = min(room, page - len(f"{number}. ") - 1) - (
+        gsm.length(ctx.t("my.line", **args)) - gsm.length(args["status"]))
     args["status"] = ctx.t_fit(f"status.{shown}", beside)
     return fit_names(ctx, "my.line", room, args, then=("status",)) or ctx.t("my.line", **args)
 
@@ -1360,9 +1364,13 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
 
     coop = await cooperative(ctx, payment.cooperative_id)  # cached: the day as the member lives it (as the receipt)
     created = payment.created_at.astimezone(zone_of(coop.timezone if coop else None))
+    status = f"status.{_shown(payment)}"
+    # `brief`, the status's short form where it has one (as the list's), is what the detail's short forms show: the
+    # whole one, the SMS's words ("Not paid: recorded in error"), takes a line of its own on Nalo's 120 characters.
+    brief = status + ".short" if has(ctx.state.lang, status + ".short") else status
     return {"ref": payment.reference, "type": whole(name),
             "amount": _amount(ctx, payment),
-            "status": ctx.t(f"status.{_shown(payment)}"), "date": created.strftime("%d/%m/%Y")}
+            "status": ctx.t(status), "brief": ctx.t(brief), "date": created.strftime("%d/%m/%Y")}
 
 
 def _amount(ctx: Ctx, payment: Payment) -> str:

@@ -29,18 +29,20 @@ def has(lang: str | None, msgid: str) -> bool:
     return msgid in catalog(language(lang)) or msgid in catalog(DEFAULT)
 
 
-# The shorter forms translate_fit tries, in order. `.shorter` drops what `.short` keeps (the payment detail's type):
-# the engine's fit_names takes it only once the names in `.short` are as short as they may get (SHORT).
-VARIANTS = (".short", ".shorter")
+# The shorter forms translate_fit tries, in order. `.short` and `.shorter` keep every name the message has (KEEP); only
+# `.shortest` drops one (the payment detail's type): the engine's fit_names takes a form of KEEP, its names shortened
+# as far as they may go in `.short` (SHORT) before `.shorter` is tried, and `.shortest` only when neither fits.
+VARIANTS = (".short", ".shorter", ".shortest")
 SHORT = (".short",)
+KEEP = (".short", ".shorter")
 
 
 def translate_fit(lang: str | None, msgid: str, room: int, *, variants: tuple[str, ...] = VARIANTS,
                   **args: Any) -> str:
-    """The message, or its `.short` variant when the full one does not fit in `room` septets, or its `.shorter` one
-    (where it has one) when neither does: the payment detail's short form keeps the payment type, and only the
-    shorter drops it (one short form without it dropped the type on Nalo as soon as the labels did not fit).
-    `variants` SHORT stops at `.short` (fit_names shortens the names in it before the type is dropped)."""
+    """The message, or the first of its `variants` (where it has them) that fits in `room` septets, else the last
+    it has: the payment detail's short and shorter forms keep the payment type, and only the shortest drops it (one
+    short form without it dropped the type on Nalo as soon as the labels did not fit). `variants` SHORT stops at
+    `.short`, KEEP at `.shorter` (fit_names shortens the names in them before the type is dropped)."""
     text = translate(lang, msgid, **args)
     for variant in variants:
         if length(text) <= room:

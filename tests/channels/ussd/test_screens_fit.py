@@ -9,9 +9,10 @@ import pytest
 
 from channels.ussd.engine import MIN_NAME, Confirm, Ctx, End, Engine, Item, Menu, Name, State, cut_name
 from channels.ussd.flows import BALANCE_WITH_PRICE, shorts
-from channels.ussd.i18n import LANGUAGES, catalog, translate
+from channels.ussd.i18n import LANGUAGES, catalog, has, translate
 from channels.ussd.screens import SCREENS
 from core import gsm
+from core.state.payment import PaymentStatus
 
 LIMITS = (182, 120)  # Africa's Talking and Hubtel; Nalo
 COOP = "Kigali Heights Housing Cooperative"
@@ -23,15 +24,18 @@ PERSON30 = "Jean Bosco Habimana Nsengiyumv"
 COOP59 = "Koperative y'Abahinzi b'Ikawa ba Maraba na Nyamagabe KOAIMA"
 PERSON59 = "Jean Bosco Habimana Nsengiyumva Mukamana Uwase Twagiramungu"
 NAMES = ((COOP, PERSON), (COOP40, PERSON30), (COOP59, PERSON59))
+# Every status a payer is shown (core.state.payment.shown_status): the whole one (the SMS's words, "Not paid:
+# recorded in error") and its short form (status.<S>.short, the list's and the detail's short forms).
+SHOWN_STATUSES = (*(s.value for s in PaymentStatus), "UNCONFIRMED", "TAKEN_AFTER_FAILURE")
 
 
 def sample_args(lang: str, coop: str = COOP) -> dict[str, Any]:
-    longest_status = max((translate(lang, f"status.{s}") for s in (
-        "PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PARTIALLY_REFUNDED",
-        "REFUNDED")), key=len)
+    longest_status = max((translate(lang, f"status.{s}") for s in SHOWN_STATUSES), key=len)
+    longest_brief = max((translate(lang, f"status.{s}.short" if has(lang, f"status.{s}.short") else f"status.{s}")
+                         for s in SHOWN_STATUSES), key=len)
     return {"name": coop, "coop": coop, "amount": "5,000,000 RWF", "ref": "PAY_20261122_001",
             "type": "Monthly Rent", "phone": "+250788123456", "currency": "RWF",
-            "method": translate(lang, "method.MOBILE_MONEY_AIRTEL"), "status": longest_status,
+            "method": translate(lang, "method.MOBILE_MONEY_AIRTEL"), "status": longest_status, "brief": longest_brief,
             "date": "22/11/2026", "max": "5,000,000 RWF", "example": "5000", "fee": "0 RWF",
             "usual": translate(lang, "pay.usual", amount="5,000,000 RWF"), "due": "30/11/2026"}
 
@@ -43,8 +47,9 @@ def sample_items(screen_id: str, lang: str) -> list[Item]:
                 for i, name in enumerate(["Monthly Rent", "Water", "Security levy", "Garbage collection",
                                           "Parking space", "Electricity", "Maintenance fund"])]
     if screen_id in ("my_list", "dsp_pick"):
+        # The status's short form, as flows._payment_line takes it where the whole one leaves no room for the title.
         return [Item(f"p{i}", t("my.line", amount="50,000 RWF", type="Monthly Rent",
-                                status=t("status.PARTIALLY_REFUNDED"), ref=f"PAY_20261122_00{i}"))
+                                status=t("status.PARTIALLY_REFUNDED.short"), ref=f"PAY_20261122_00{i}"))
                 for i in range(5)]
     if screen_id == "coop_pick":
         return [Item(f"c{i}", name) for i, name in enumerate(
@@ -254,3 +259,51 @@ async def test_a_balance_on_the_confirmation_is_kept_whole(lang: str, limit: int
         # be cut, never the amount or the reference.
         assert amount in text and "PAY_20261122_001" in text, (lang, limit, text)
         assert f"1. {translate(lang, 'confirm.yes')}" in text and f"2. {translate(lang, 'confirm.no')}" in text
+
+
+# The one case left where the detail drops the type on Nalo: Kinyarwanda's receipt option ("Ohereza inyemezabwishyu
+# kuri SMS") leaves 61 characters, and a 16-character amount (TZS or another two-decimal currency from 1,000,000.00)
+# beside "Hasubijwe igice" and the reference leaves the type fewer than MIN_NAME.
+TYPE_DROPPED = {("rw", "PARTIALLY_REFUNDED", 16)}
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+async def test_the_payment_detail_keeps_the_type_beside_every_amount_and_status(limit: int) -> None:
+    """Every language, currency (at its USSD maximum, flows.MAX_AMOUNT, and shorter amounts) and status a payer is
+    shown: the detail keeps the reference, the amount, the status and at least MIN_NAME characters of a long payment
+    type within the screen. On Nalo the French, Kinyarwanda and Swahili details of long amounts dropped the type
+    (my.detail.shortest) where it fitted without the date, which the reference carries (PAY_20261122_...)."""
+    from channels.ussd.flows import DEFAULT_MAX, MAX_AMOUNT
+    from core.money import EXPONENTS, Money
+    from core.state.payment import COLLECTED
+
+    kind = "Security and maintenance levy"
+    reference = "PAY_20261122_1234567"
+    failures, dropped = [], set()
+    for lang in LANGUAGES:
+        for currency in (*MAX_AMOUNT, "USD"):
+            top = MAX_AMOUNT.get(currency, DEFAULT_MAX) * 10 ** EXPONENTS[currency]
+            for minor in sorted({top, top - 1, *(int("9" * d) for d in range(1, len(str(top))))}):
+                amount = Money(minor, currency).format(lang)
+                for status in SHOWN_STATUSES:
+                    sid = "my_detail" if status in COLLECTED else "my_detail_status"
+                    brief = f"status.{status}.short" if has(lang, f"status.{status}.short") else f"status.{status}"
+
+                    async def args(_ctx: Ctx, status: str = status, amount: str = amount,
+                                   brief: str = brief) -> dict[str, Any]:
+                        return {"ref": reference, "type": kind, "amount": amount, "date": "22/11/2026",
+                                "status": translate(lang, f"status.{status}"), "brief": translate(lang, brief)}
+
+                    engine = Engine({**SCREENS, sid: dataclasses.replace(SCREENS[sid], args=args)})
+                    ctx = Ctx(rt=None, turn=None, state=State(screen=sid, stack=["home", "my_list"], lang=lang),
+                              limit=limit)
+                    text = (await engine.render(ctx)).text
+                    where = f"{lang}/{amount}/{status}"
+                    failures.extend(problems(text, limit, where, (kind,)))
+                    said = (translate(lang, f"status.{status}"), translate(lang, brief))
+                    if reference not in text or amount not in text or not any(s in text for s in said):
+                        failures.append(f"{where}: reference, amount or status lost: {text!r}")
+                    if kind[:MIN_NAME - 2] not in text:
+                        dropped.add((lang, status, len(amount)))
+    assert not failures, "\n".join(failures)
+    assert dropped == (TYPE_DROPPED if limit < 182 else set()), sorted(dropped)
