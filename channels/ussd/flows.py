@@ -23,7 +23,7 @@ from channels.ussd.i18n import LANGUAGES, has
 from channels.ussd.types import side_effect_started
 from core import gsm
 from core.audit import Actor
-from core.db import utcnow
+from core.db import serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import NUMBER_MARKS, Money, MoneyError, exponent
@@ -267,6 +267,19 @@ async def cooperative(ctx: Ctx, coop_id: str) -> CoopRow | None:
             coops.put(coop_id, coop)
         ctx.cache[key] = coop
     return ctx.cache[key]
+
+
+async def cooperative_now(ctx: Ctx, coop_id: str) -> CoopRow | None:
+    """The cooperative read from the database, not the cache's copy (up to cache.TTL_SECONDS old), which it then
+    replaces: where a stale copy would act on a change just made (a session resumed at the name prompt right after
+    the cooperative was suspended or closed to registration by phone was shown the prompt again). Not on the
+    normal menu hop (one round trip more)."""
+    async with cache.autocommit(ctx.rt) as conn:
+        row = (await conn.execute(_COOP_BY_ID, {"coop_id": coop_id})).first()
+    coop = _coop_row(row) if row is not None else None
+    cache.of(ctx.rt).coops.put(coop_id, coop)
+    ctx.cache[f"coop:{coop_id}"] = coop
+    return coop
 
 
 async def cooperative_by_code(conn: Any, code: str) -> CoopRow | None:
@@ -619,14 +632,22 @@ async def validate_name(_ctx: Ctx, text: str) -> str:
 async def name_entered(ctx: Ctx, name: str) -> str:
     from core.members import create_member
 
-    coop = await cooperative(ctx, ctx.data["rc"])
-    if coop is not None and (refused := _joining(ctx, coop)) != "reg_name":
-        # A session at the name prompt from before the country check, or of a cooperative suspended or closed to
-        # registration by phone since, on its next hop (one continued is told at once: resume_continue).
-        return refused
     try:
-        side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:
+            # Read in the transaction that takes her in, not from the cache (a name typed within its 5 s of a
+            # suspension was taken in PENDING), its row held FOR SHARE (SQLite: the write lock) so that a suspension
+            # or a closing to registration being written waits for this one or is seen by it.
+            await serialise_on_sqlite(session, Cooperative, ctx.data["rc"])
+            row = (await session.execute(_COOP_BY_ID.with_for_update(read=True),
+                                         {"coop_id": ctx.data["rc"]})).first()
+            coop = _coop_row(row) if row is not None else None
+            ctx.cache[f"coop:{ctx.data['rc']}"] = coop
+            if coop is not None and (refused := _joining(ctx, coop)) != "reg_name":
+                # A session at the name prompt from before the country check, or of a cooperative suspended or
+                # closed to registration by phone since, on its next hop (one continued is told at once:
+                # resume_continue).
+                return refused
+            side_effect_started()  # (a failure of the read above took nothing: "unavailable", not "unsettled")
             member = await create_member(session, ctx.rt.cipher, cooperative_id=ctx.data["rc"], name=name,
                                          phone=ctx.hop.phone, language=ctx.state.lang, status="PENDING",
                                          actor=actor(ctx))
@@ -1521,8 +1542,9 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     if screen == "reg_name" and ctx.data.get("rc"):
         # Left at the name prompt by a release from before the country check (_registration), or of a cooperative
         # suspended or closed to registration by phone since: told at once what the code typed now would tell her,
-        # not after typing her name for nothing (name_entered checks again).
-        coop = await cooperative(ctx, str(ctx.data["rc"]))
+        # not after typing her name for nothing (name_entered checks again). Read from the database: the cache's
+        # copy (5 s) of a cooperative suspended a second ago still said ACTIVE, and showed her the prompt again.
+        coop = await cooperative_now(ctx, str(ctx.data["rc"]))
         if coop is not None:
             return _joining(ctx, coop)
     return screen
