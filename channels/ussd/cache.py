@@ -6,8 +6,10 @@ kept here for TTL seconds per database engine (rows are found by their random id
 sees another's).
 
 Correctness: a cooperative renamed, suspended, given a new contact or closed to self-registration, or
-a payment type deactivated or repriced, may still be shown (and, for self-registration, acted on) for
-at most TTL seconds in this process. A payment is never created from a cached row: create_payment
+a payment type deactivated or repriced, may still be shown for at most TTL seconds in this process. A member
+is never taken in from a cached row either: a session resumed at the name prompt reads the cooperative from
+the database (flows.cooperative_now), and a name typed reads it in the transaction that creates the member,
+held FOR SHARE (flows.name_entered). A payment is never created from a cached row: create_payment
 reads the cooperative and the type again in its own transaction and refuses an inactive type, a
 changed price or a suspended cooperative (the user is then told the type was closed or its amount
 changed, that nothing was charged and, for a new amount, to dial again: flows.TypeChanged).
