@@ -114,6 +114,7 @@ _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperat
 # With each membership: when its row was last written (the person's language, below, when rows differ).
 _MEMBERSHIP_COLUMNS = (*_COOP_COLUMNS, Member.updated_at.label("member_updated"))
 _COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
+_COOP_HELD = _COOP_BY_ID.with_for_update(read=True)  # FOR SHARE: a suspension being written waits, or is read
 _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, PaymentType.currency,
                  PaymentType.due_day, PaymentType.allow_custom_amount, PaymentType.is_recurring,
                  PaymentType.recurring_interval, PaymentType.created_at)
@@ -638,8 +639,7 @@ async def name_entered(ctx: Ctx, name: str) -> str:
             # suspension was taken in PENDING), its row held FOR SHARE (SQLite: the write lock) so that a suspension
             # or a closing to registration being written waits for this one or is seen by it.
             await serialise_on_sqlite(session, Cooperative, ctx.data["rc"])
-            row = (await session.execute(_COOP_BY_ID.with_for_update(read=True),
-                                         {"coop_id": ctx.data["rc"]})).first()
+            row = (await session.execute(_COOP_HELD, {"coop_id": ctx.data["rc"]})).first()
             coop = _coop_row(row) if row is not None else None
             ctx.cache[f"coop:{ctx.data['rc']}"] = coop
             if coop is not None and (refused := _joining(ctx, coop)) != "reg_name":
