@@ -6,8 +6,10 @@ kept here for TTL seconds per database engine (rows are found by their random id
 sees another's).
 
 Correctness: a cooperative renamed, suspended, given a new contact or closed to self-registration, or
-a payment type deactivated or repriced, may still be shown for at most TTL seconds in this process. A member
-is never taken in from a cached row either: a session resumed at the name prompt reads the cooperative from
+a payment type deactivated or repriced, may still be shown for at most TTL seconds in this process; so may a
+country's first cooperative be missed by the shared code's check of a stranger's number
+(flows.no_cooperative_of_her_country: told that no cooperative here takes her country's numbers, she dials again).
+A member is never taken in from a cached row: a session resumed at the name prompt reads the cooperative from
 the database (flows.cooperative_now), and a name typed reads it in the transaction that creates the member,
 held FOR SHARE (flows.name_entered). A payment is never created from a cached row: create_payment
 reads the cooperative and the type again in its own transaction and refuses an inactive type, a
@@ -59,6 +61,7 @@ class Caches:
     def __init__(self) -> None:
         self.coops = TtlCache()  # cooperative id -> CoopRow | None
         self.types = TtlCache()  # cooperative id -> tuple[TypeRow, ...] (active, ordered by name)
+        self.countries = TtlCache()  # None -> frozenset of the cooperatives' countries
 
 
 _BY_RUNTIME: weakref.WeakKeyDictionary[Any, Caches] = weakref.WeakKeyDictionary()

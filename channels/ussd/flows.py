@@ -460,6 +460,10 @@ async def enter(ctx: Ctx, flow: str) -> str:
             # Its own code dialled while it is suspended: it takes no payments or members now, as its code typed
             # at the registration prompt says (code_entered), not "register here" or a name prompt.
             return "reg_suspended"
+        if coop is None and await no_cooperative_of_her_country(ctx):
+            # The shared code, and no cooperative of her number's country to join: every code she could type at
+            # Pay would refuse her (_registration), and My payments or Problem with a payment would send her to Pay.
+            return "reg_foreign_any"
         if flow != "pay":
             if coop is not None:
                 # The dialled extension's cooperative: this phone may well be a member of another one. Pay
@@ -588,7 +592,32 @@ def _another_countrys(ctx: Ctx, coop: CoopRow) -> bool:
     country's number (core.payments.methods_for), and USSD offers no bank method, so a member who joined so could
     never pay here; she was taken in PENDING all the same. Refused before her name is asked: her cooperative's office
     may still register her (POST /v1/members warns of such a number, and a bank method may collect from her)."""
-    return bool(coop.country) and ctx.hop.phone.region != coop.country
+    return _of_another_country(ctx, coop.country)
+
+
+def _of_another_country(ctx: Ctx, country: str | None) -> bool:
+    return bool(country) and ctx.hop.phone.region != country
+
+
+# The countries of the cooperatives whose code a stranger may type: a suspended one's too (its code says that it
+# takes no payments now, reg_suspended: true, where "your number is of another country" would not be).
+_COUNTRIES = select(Cooperative.country).distinct()
+
+
+async def no_cooperative_of_her_country(ctx: Ctx) -> bool:
+    """Whether every cooperative is of another country than the phone's number: on the shared code (no cooperative
+    named), such a number that is no member was told "choose Pay to register", and Pay asked for a code that could
+    only refuse her (_another_countrys). Any cooperative's code may be typed at any aggregator's shared code
+    (cooperative_by_code), so every cooperative counts, whatever its ussdAggregator or status. One read of
+    the countries, made only for a stranger on the shared code and kept per process for a few seconds (cache);
+    a member's hops never make it."""
+    countries_cache = cache.of(ctx.rt).countries
+    countries = countries_cache.get(None)
+    if countries is cache.MISSING:
+        async with cache.autocommit(ctx.rt) as conn:
+            countries = frozenset((await conn.execute(_COUNTRIES)).scalars())
+        countries_cache.put(None, countries)
+    return all(_of_another_country(ctx, country) for country in countries)
 
 
 async def validate_code(ctx: Ctx, text: str) -> str:

@@ -33,6 +33,8 @@ _SCREENS: tuple[Screen, ...] = (
     # A number of another country than the cooperative's (a Ghanaian one typing a Rwandan cooperative's code): none
     # of its wallets could ever take her payment.
     End("reg_foreign", "reg.foreign", args=f.coop_args),
+    # The same on the shared code, where no cooperative is of her number's country: none could take her payment.
+    End("reg_foreign_any", "reg.foreign_any"),
     End("member_pending", "member.pending", args=f.coop_args),
     End("member_none", "member.none"),
     End("member_not_here", "member.not_here", args=f.coop_args),

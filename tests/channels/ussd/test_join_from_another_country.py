@@ -8,7 +8,12 @@ a number of the cooperative's country joins as before. Asking for her payments (
 cooperative's own extension, she was told to "Choose Pay to register", for Pay to refuse her: she is told at once
 now, and so is a session of hers left at the name prompt before the check and continued. (An admin registering such
 a number, POST /v1/members, is warned and not refused: a bank method may collect from her: tests/admin_api,
-FOREIGN_NUMBER.)"""
+FOREIGN_NUMBER.)
+
+On the shared code (no cooperative named) such a number was still told "Choose Pay to register", and Pay asked for a
+code every one of which refused her: where no active cooperative is of her number's country, Pay, My payments and
+Problem with a payment tell her at once (reg_foreign_any, naming no cooperative); where one is, she may be joining
+it: the code prompt as before, and a code of another country's cooperative typed there refuses her (reg_foreign)."""
 
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ from typing import Any
 import pytest
 
 from channels.ussd import flows
+from core import gsm
 from core.models import Cooperative, Member, UssdSession
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import option
 from tests.channels.ussd.test_hubtel_nalo_flows import nalo
+from tests.conftest import sql_sent
 
 GHANAIAN = "233244555123"  # MTN Ghana, a member of no cooperative
 RWANDAN = "250788555123"  # MTN Rwanda, a member of no cooperative
@@ -39,6 +46,23 @@ REFUSED = {
     "sw": "Namba ya simu hii ni ya nchi nyingine: haiwezi kulipa kwa Kigali Heights Housing Cooperative. Tafadhali "
           "wasiliana na ofisi ya chama.",
 }
+
+
+# The shared code, no cooperative of her number's country (reg_foreign_any): no cooperative named.
+REFUSED_ANY = {
+    "en": "This phone's number is of another country: no cooperative here can take payments from it. Please contact "
+          "your cooperative office.",
+    "fr": "Le numéro de ce téléphone est d'un autre pays : aucune coopérative ici ne peut en recevoir de paiements. "
+          "Contactez votre coopérative.",
+    "rw": "Nimero y'iyi telefoni ni iyo mu kindi gihugu: ntishobora kwishyura muri koperative n'imwe hano. Gana ibiro "
+          "bya koperative yawe.",
+    "sw": "Namba ya simu hii ni ya nchi nyingine: haiwezi kulipa kwa chama chochote hapa. Tafadhali wasiliana na ofisi "
+          "ya chama chako.",
+}
+# Nalo's 120 characters: its short form.
+NALO_REFUSED_ANY = ("This phone's number is of another country: no cooperative here can take payments from it. "
+                    "Contact your cooperative.")
+PAY = {"en": "Pay", "fr": "Payer", "rw": "Kwishyura", "sw": "Lipa"}
 
 
 # Nalo's 120 characters: the name is shortened, marked "..", as on its other screens.
@@ -73,15 +97,22 @@ async def _members(db: Any) -> int:
     return int(await db.count(Member))
 
 
+async def _a_ghanaian_cooperative(rt: Any, status: str = "ACTIVE") -> None:
+    """A cooperative of Ghana beside the demo's Rwandan one: a Ghanaian number on the shared code may be joining it."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Kumasi Market Women Susu", short_code="KMWS", country="GH", currency="GHS",
+                          status=status, ussd_extension="44", self_registration=True))
+
+
 @pytest.mark.parametrize("language", sorted(REFUSED))
 async def test_a_ghanaian_number_typing_a_rwandan_cooperatives_code_is_refused(
-        client: Any, demo: dict[str, Any], db: Any, language: str) -> None:
+        client: Any, demo: dict[str, Any], db: Any, rt: Any, language: str) -> None:
+    await _a_ghanaian_cooperative(rt)  # else the shared code's Pay refuses her at once (below)
     before = await _members(db)
     phone = Hubtel(client, GHANAIAN, f"gh-join-code-{language}", "384*123")
     home = await phone.in_language(language)
-    code = await phone.post("Response", option(home["Message"], {"en": "Pay", "fr": "Payer", "rw": "Kwishyura",
-                                                                "sw": "Lipa"}[language]))
-    assert code["Type"] == "Response", code
+    code = await phone.post("Response", option(home["Message"], PAY[language]))
+    assert (code["Type"], code["Message"].split("\n")[0]) == ("Response", _shown(language, "reg.code")), code
     refused = await phone.post("Response", demo["short_code"])
     assert (refused["Type"], refused["Message"]) == ("Release", REFUSED[language])
     assert await _members(db) == before  # not taken in
@@ -116,6 +147,11 @@ async def test_a_number_of_the_cooperatives_country_still_joins(client: Any, dem
 def _label(language: str, key: str) -> str:
     """A menu line's words in that language's catalog."""
     return str(json.loads((LOCALES / f"{language}.json").read_text(encoding="utf-8"))[key])
+
+
+def _shown(language: str, key: str, **args: str) -> str:
+    """A screen's words as sent: in GSM-7 ("n'êtes" is "n'etes")."""
+    return gsm.to_gsm(_label(language, key).format(**args))
 
 
 @pytest.mark.parametrize("language", sorted(REFUSED))
@@ -168,6 +204,10 @@ async def _at_the_name_prompt_before_the_check(client: Any, demo: dict[str, Any]
     """A Ghanaian number's session at Kigali Heights' name prompt, as the release before the check let her reach."""
     with monkeypatch.context() as before_the_check:
         before_the_check.setattr(flows, "_another_countrys", lambda _ctx, _coop: False)
+
+        async def a_cooperative_of_hers(_ctx: Any) -> bool:
+            return False
+        before_the_check.setattr(flows, "no_cooperative_of_her_country", a_cooperative_of_hers)
         phone = Hubtel(client, GHANAIAN, session_id, "384*123")
         home = await phone.post("Initiation", "*384*123#")
         await phone.post("Response", option(home["Message"], "Pay"))
@@ -198,3 +238,87 @@ async def test_a_name_typed_at_a_prompt_shown_before_the_check_is_refused(client
     refused = await phone.post("Response", "Ama Mensah")
     assert (refused["Type"], refused["Message"]) == ("Release", REFUSED["en"])
     assert await _members(db) == before
+
+
+# -- the shared code, where no cooperative is of her number's country ---------------------------------------------
+
+SHARED_CODE_CHOICES = ("menu.pay", "menu.my", "menu.dsp")
+
+
+@pytest.mark.parametrize("choice", SHARED_CODE_CHOICES)
+@pytest.mark.parametrize("language", sorted(REFUSED_ANY))
+async def test_a_ghanaian_number_on_the_shared_code_of_rwandan_cooperatives_is_told_at_once(
+        client: Any, demo: dict[str, Any], db: Any, language: str, choice: str) -> None:
+    """Pay asked for a cooperative's code, and every code refused her; My payments and Problem with a payment said
+    "Choose Pay to register". No cooperative here is Ghana's: she is told at once, naming none."""
+    before = await _members(db)
+    phone = Hubtel(client, GHANAIAN, f"gh-shared-{choice}-{language}", "384*123")
+    home = await phone.in_language(language)
+    refused = await phone.post("Response", option(home["Message"], _label(language, choice)))
+    assert (refused["Type"], refused["Message"]) == ("Release", REFUSED_ANY[language])
+    assert await _members(db) == before
+    [row] = await db.all(UssdSession, UssdSession.session_id == phone.session_id)
+    assert (row.last_screen, row.cooperative_id) == ("reg_foreign_any", None)
+
+
+async def test_a_kenyan_number_on_the_shared_code_through_africas_talking_and_nalos_short_form(
+        client: Any, demo: dict[str, Any], db: Any) -> None:
+    for choice in ("Pay", "My payments", "Problem with a payment"):
+        kenyan = AtPhone(client, KENYAN)
+        assert await kenyan.send(option(await kenyan.dial(), choice)) == f"END {REFUSED_ANY['en']}", choice
+    for key in ("1", "2", "3"):  # Pay, My payments, Problem with a payment: within Nalo's 120 characters
+        session = f"nalo-gh-shared-{key}"
+        await nalo(client, session, "*384*123#", True, GHANAIAN)
+        refused = await nalo(client, session, key, False, GHANAIAN)
+        assert (refused["MSGTYPE"], refused["MSG"]) == (False, NALO_REFUSED_ANY)
+    # A Rwandan number that is no member is still asked for a code, and told to register.
+    rwandan = AtPhone(client, "+" + RWANDAN)
+    assert await rwandan.send(option(await rwandan.dial(), "Pay")) == f"CON {_label('en', 'reg.code')}\n0. Back"
+    rwandan = AtPhone(client, "+250788555124")  # another: the first's session at the code prompt is offered again
+    assert await rwandan.send(option(await rwandan.dial(), "My payments")) == f"END {_label('en', 'member.none')}"
+
+
+@pytest.mark.parametrize("language", sorted(REFUSED_ANY))
+async def test_with_a_cooperative_of_her_country_the_shared_code_asks_for_its_code(
+        client: Any, demo: dict[str, Any], db: Any, rt: Any, language: str) -> None:
+    """She may be joining the Ghanaian one: Pay asks for a code, My payments says to choose Pay to register, and her
+    cooperative's code takes her name."""
+    await _a_ghanaian_cooperative(rt)
+    phone = Hubtel(client, GHANAIAN, f"gh-shared-mine-{language}", "384*123")
+    home = await phone.in_language(language)
+    mine = await phone.post("Response", option(home["Message"], _label(language, "menu.my")))
+    assert (mine["Type"], mine["Message"]) == ("Release", _shown(language, "member.none"))
+    phone = Hubtel(client, GHANAIAN, f"gh-shared-join-{language}", "384*123")
+    home = await phone.post("Initiation", "*384*123#")  # in the language she chose
+    code = await phone.post("Response", option(home["Message"], PAY[language]))
+    assert (code["Type"], code["Message"].split("\n")[0]) == ("Response", _shown(language, "reg.code"))
+    asked = await phone.post("Response", "KMWS")
+    assert asked["Message"].split("\n")[0] == _shown(language, "reg.name", coop="Kumasi Market Women Susu"), asked
+
+
+async def test_a_suspended_cooperative_of_her_country_is_still_hers_to_ask_for(client: Any, demo: dict[str, Any],
+                                                                               rt: Any) -> None:
+    """A number of Ghana is not "of another country" where a Ghanaian cooperative is, suspended or not: asked for its
+    code, she is told it is not taking payments now (tests/channels/ussd/test_suspended_code_and_new_sim.py)."""
+    await _a_ghanaian_cooperative(rt, status="SUSPENDED")
+    phone = Hubtel(client, GHANAIAN, "gh-shared-suspended", "384*123")
+    home = await phone.post("Initiation", "*384*123#")
+    code = await phone.post("Response", option(home["Message"], "Pay"))
+    assert code["Message"].split("\n")[0] == _shown("en", "reg.code"), code
+    told = await phone.post("Response", "KMWS")
+    assert (told["Type"], told["Message"]) == ("Release", _shown("en", "reg.suspended"))
+
+
+async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, demo: dict[str, Any], rt: Any) -> None:
+    """The countries are read once for strangers on the shared code (cache.countries), and never on a member's
+    hops (tests/channels/ussd/test_hop_cost.py: her Pay hop sends no statement)."""
+    first = Hubtel(client, GHANAIAN, "gh-shared-read-1", "384*123")
+    home = await first.post("Initiation", "*384*123#")
+    with sql_sent(rt) as read:
+        assert (await first.post("Response", option(home["Message"], "Pay")))["Type"] == "Release"
+    assert [q for q in read if "cooperatives" in q and "DISTINCT" in q.upper()], read
+    again = Hubtel(client, GHANAIAN, "gh-shared-read-2", "384*123")
+    home = await again.post("Initiation", "*384*123#")
+    with sql_sent(rt) as cached:
+        assert (await again.post("Response", option(home["Message"], "Pay")))["Type"] == "Release"
+    assert not [q for q in cached if "cooperatives" in q], cached
