@@ -617,7 +617,8 @@ async def no_cooperative_of_her_country(ctx: Ctx) -> bool:
         async with cache.autocommit(ctx.rt) as conn:
             countries = frozenset((await conn.execute(_COUNTRIES)).scalars())
         countries_cache.put(None, countries)
-    return all(_of_another_country(ctx, country) for country in countries)
+    # With no cooperative at all, her number is of no other country than theirs: the code prompt, as before.
+    return bool(countries) and all(_of_another_country(ctx, country) for country in countries)
 
 
 async def validate_code(ctx: Ctx, text: str) -> str:

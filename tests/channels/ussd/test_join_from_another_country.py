@@ -322,3 +322,8 @@ async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, dem
     with sql_sent(rt) as cached:
         assert (await again.post("Response", option(home["Message"], "Pay")))["Type"] == "Release"
     assert not [q for q in cached if "cooperatives" in q], cached
+
+
+async def test_with_no_cooperative_at_all_no_number_is_of_another_country(client: Any, db: Any) -> None:
+    phone = AtPhone(client, "+" + RWANDAN)
+    assert await phone.send(option(await phone.dial(), "Pay")) == f"CON {_shown('en', 'reg.code')}\n0. Back"
