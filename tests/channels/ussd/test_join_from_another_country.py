@@ -18,12 +18,14 @@ it: the code prompt as before, and a code of another country's cooperative typed
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from channels.ussd import flows
+from channels.ussd import cache, flows
 from core import gsm
 from core.models import Cooperative, Member, UssdSession
 from tests.channels.ussd.helpers import AtPhone
@@ -327,3 +329,42 @@ async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, dem
 async def test_with_no_cooperative_at_all_no_number_is_of_another_country(client: Any, db: Any) -> None:
     phone = AtPhone(client, "+" + RWANDAN)
     assert await phone.send(option(await phone.dial(), "Pay")) == f"CON {_shown('en', 'reg.code')}\n0. Back"
+
+
+async def test_a_countrys_first_cooperative_is_found_once_the_read_expires(client: Any, demo: dict[str, Any], rt: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's 5 s: a Ghanaian number refused on the shared code is refused for at most cache.TTL_SECONDS after
+    Ghana's first cooperative is added, then asked for its code (the countries are read again, not kept for good)."""
+    before = Hubtel(client, GHANAIAN, "gh-first-coop-1", "384*123")
+    home = await before.post("Initiation", "*384*123#")
+    assert (await before.post("Response", option(home["Message"], "Pay")))["Message"] == REFUSED_ANY["en"]
+    await _a_ghanaian_cooperative(rt)
+    within = Hubtel(client, GHANAIAN, "gh-first-coop-2", "384*123")
+    home = await within.post("Initiation", "*384*123#")
+    assert (await within.post("Response", option(home["Message"], "Pay")))["Message"] == REFUSED_ANY["en"]
+    assert cache.TTL_SECONDS == 5  # what the README says
+    clock = time.monotonic
+    monkeypatch.setattr(cache, "time", SimpleNamespace(monotonic=lambda: clock() + cache.TTL_SECONDS + 0.1))
+    after = Hubtel(client, GHANAIAN, "gh-first-coop-3", "384*123")
+    home = await after.post("Initiation", "*384*123#")
+    code = await after.post("Response", option(home["Message"], "Pay"))
+    assert (code["Type"], code["Message"].split("\n")[0]) == ("Response", _shown("en", "reg.code")), code
+
+
+async def test_a_kenyan_member_of_a_rwandan_cooperative_is_not_refused_on_the_shared_code(
+        client: Any, demo: dict[str, Any], rt: Any) -> None:
+    """Registered by the office (POST /v1/members warns, takes her): the shared code's check is a stranger's only."""
+    from core.audit import Actor
+    from core.members import create_member
+    from core.phone import normalize
+
+    async with rt.sessionmaker.begin() as s:
+        await create_member(s, rt.cipher, cooperative_id=demo["cooperative_id"], name="Wanjiru Kamau",
+                            phone=normalize(KENYAN), actor=Actor.system())
+    for choice, shown in (("Pay", "CON Choose what to pay:"), ("My payments", "END You have no payments yet."),
+                          ("Problem with a payment", "END You have no payments yet.")):
+        kenyan = AtPhone(client, KENYAN)
+        home = await kenyan.dial()
+        if "did not finish" in home:
+            home = await kenyan.send(option(home, "Start again"))
+        assert (await kenyan.send(option(home, choice))).startswith(shown), choice
