@@ -311,9 +311,12 @@ async def test_a_suspended_cooperative_of_her_country_is_still_hers_to_ask_for(c
     assert (told["Type"], told["Message"]) == ("Release", _shown("en", "reg.suspended"))
 
 
-async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, demo: dict[str, Any], rt: Any) -> None:
+async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, demo: dict[str, Any], rt: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The countries are read once for strangers on the shared code (cache.countries), and never on a member's
-    hops (tests/channels/ussd/test_hop_cost.py: her Pay hop sends no statement)."""
+    hops (tests/channels/ussd/test_hop_cost.py: her Pay hop sends no statement). The cache's clock stands still
+    (_still_clock): a host slow enough to take 5 s over the two sessions would otherwise read them again."""
+    _still_clock(monkeypatch)
     first = Hubtel(client, GHANAIAN, "gh-shared-read-1", "384*123")
     home = await first.post("Initiation", "*384*123#")
     with sql_sent(rt) as read:
@@ -326,6 +329,14 @@ async def test_the_check_is_a_strangers_read_kept_a_few_seconds(client: Any, dem
     assert not [q for q in cached if "cooperatives" in q], cached
 
 
+def _still_clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The per-process cache's clock (channels.ussd.cache reads only time.monotonic), standing still until the test
+    moves it (`.now`): what is kept stays kept however slowly the host runs the test."""
+    clock = SimpleNamespace(now=time.monotonic())
+    monkeypatch.setattr(cache, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    return clock
+
+
 async def test_with_no_cooperative_at_all_no_number_is_of_another_country(client: Any, db: Any) -> None:
     phone = AtPhone(client, "+" + RWANDAN)
     assert await phone.send(option(await phone.dial(), "Pay")) == f"CON {_shown('en', 'reg.code')}\n0. Back"
@@ -335,6 +346,7 @@ async def test_a_countrys_first_cooperative_is_found_once_the_read_expires(clien
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's 5 s: a Ghanaian number refused on the shared code is refused for at most cache.TTL_SECONDS after
     Ghana's first cooperative is added, then asked for its code (the countries are read again, not kept for good)."""
+    clock = _still_clock(monkeypatch)
     before = Hubtel(client, GHANAIAN, "gh-first-coop-1", "384*123")
     home = await before.post("Initiation", "*384*123#")
     assert (await before.post("Response", option(home["Message"], "Pay")))["Message"] == REFUSED_ANY["en"]
@@ -343,8 +355,7 @@ async def test_a_countrys_first_cooperative_is_found_once_the_read_expires(clien
     home = await within.post("Initiation", "*384*123#")
     assert (await within.post("Response", option(home["Message"], "Pay")))["Message"] == REFUSED_ANY["en"]
     assert cache.TTL_SECONDS == 5  # what the README says
-    clock = time.monotonic
-    monkeypatch.setattr(cache, "time", SimpleNamespace(monotonic=lambda: clock() + cache.TTL_SECONDS + 0.1))
+    clock.now += cache.TTL_SECONDS + 0.1
     after = Hubtel(client, GHANAIAN, "gh-first-coop-3", "384*123")
     home = await after.post("Initiation", "*384*123#")
     code = await after.post("Response", option(home["Message"], "Pay"))
