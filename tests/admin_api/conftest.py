@@ -161,6 +161,28 @@ async def complete_payment(rt: Any, payment_id: str, *, fee: int = 0) -> None:
         )
 
 
+async def refund_raced(admin: Caller, rt: Any, monkeypatch: Any, payment_id: str, dispute_id: str,
+                       disputes_locked: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST `body` as a refund of the payment while an officer's transition of dispute `dispute_id` holds its row, and
+    core.refunds's `disputes_locked` (which reads the disputes it locks before the payment) reads none, as before the
+    dispute was opened: the refund finds it when it locks the payment. The 409's body."""
+    from sqlalchemy import select
+
+    import core.refunds
+    from core.models import Dispute
+
+    async def read_before_it_was_opened(*args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    async with rt.sessionmaker() as officer:  # her transition of the dispute holds its row
+        await officer.execute(select(Dispute).where(Dispute.id == dispute_id).with_for_update())
+        with monkeypatch.context() as patched:
+            patched.setattr(core.refunds, disputes_locked, read_before_it_was_opened)
+            raced: dict[str, Any] = await admin.json("POST", f"/v1/payments/{payment_id}/refunds", 409, json=body)
+        await officer.rollback()
+    return raced
+
+
 async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dict[str, Any]:
     return await caller.json("POST", "/v1/payments", 201, json=payment_body(payment_type_id, **over))
 

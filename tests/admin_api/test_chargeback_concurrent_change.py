@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import CODES
-from tests.admin_api.conftest import Caller, complete_payment, idem, payment_body
+from tests.admin_api.conftest import Caller, complete_payment, idem, payment_body, refund_raced
 from tests.conftest import requires_pg
 
 
@@ -16,7 +16,6 @@ async def test_a_chargeback_raced_three_times_says_send_it_again_and_the_retry_g
         admin: Caller, rt: Any, demo: dict[str, Any], monkeypatch: Any) -> None:
     from sqlalchemy import func, select
 
-    import core.refunds
     from core.models import AuditEvent, Dispute, OutboxJob, Refund
 
     rent = demo["payment_types"]["Monthly Rent"]
@@ -27,17 +26,9 @@ async def test_a_chargeback_raced_three_times_says_send_it_again_and_the_retry_g
         jobs_before = (await s.execute(select(func.count()).select_from(OutboxJob))).scalar_one()
         audit_before = (await s.execute(select(func.count()).select_from(AuditEvent))).scalar_one()
 
-    async def read_before_it_was_opened(*args: Any, **kwargs: Any) -> list[str]:
-        return []
-
     body = {"amount": 1000, "idempotencyKey": idem(),
             "returnedByProvider": {"providerTransactionId": "CB-409"}}
-    async with rt.sessionmaker() as officer:  # her transition of the dispute holds its row
-        await officer.execute(select(Dispute).where(Dispute.id == opened["id"]).with_for_update())
-        with monkeypatch.context() as patched:
-            patched.setattr(core.refunds, "_lock_disputes_noted", read_before_it_was_opened)
-            raced = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 409, json=body)
-        await officer.rollback()
+    raced = await refund_raced(admin, rt, monkeypatch, paid["id"], opened["id"], "_lock_disputes_noted", body)
     assert raced["code"] == "CONCURRENT_CHANGE" and "send it again" in raced["message"]
     # The code's text (GET /v1/openapi.json) names what a chargeback is refused for, as the README's table does.
     assert "chargeback" in CODES["CONCURRENT_CHANGE"], CODES["CONCURRENT_CHANGE"]

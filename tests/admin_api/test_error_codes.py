@@ -13,7 +13,7 @@ import pytest
 from core import auth
 from core.db import utcnow
 from core.errors import CODES
-from tests.admin_api.conftest import Caller, complete_payment, idem, login, payment_body
+from tests.admin_api.conftest import Caller, complete_payment, idem, login, payment_body, refund_raced
 from tests.conftest import requires_pg
 
 SEED_KEYS = {"statusCode", "message", "error", "timestamp", "path"}
@@ -332,24 +332,14 @@ async def test_a_refund_raced_by_a_dispute_being_opened_says_send_it_again(admin
     refunded, and the code (not CONFLICT) says the same request sent again goes through."""
     from sqlalchemy import select
 
-    import core.refunds
-    from core.models import Dispute, Refund
+    from core.models import Refund
 
     rent = demo["payment_types"]["Monthly Rent"]
     paid = await admin.json("POST", "/v1/payments", 201, json=payment_body(rent))
     await complete_payment(rt, paid["id"])
     opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
-
-    async def read_before_it_was_opened(*args: Any, **kwargs: Any) -> list[Any]:
-        return []
-
     body = {"amount": 1000, "idempotencyKey": idem()}
-    async with rt.sessionmaker() as officer:  # her transition of the dispute holds its row
-        await officer.execute(select(Dispute).where(Dispute.id == opened["id"]).with_for_update())
-        with monkeypatch.context() as patched:
-            patched.setattr(core.refunds, "_lock_open_disputes", read_before_it_was_opened)
-            raced = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 409, json=body)
-        await officer.rollback()
+    raced = await refund_raced(admin, rt, monkeypatch, paid["id"], opened["id"], "_lock_open_disputes", body)
     assert raced["code"] == "CONCURRENT_CHANGE" and "send the refund again" in raced["message"]
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(Refund.id))).all() == []

@@ -619,6 +619,18 @@ def _noted_withdrawn_once(dispute: Dispute, refund: Refund) -> None:
     assert len(notes) == 1, dispute.notes
 
 
+async def _neither_rolled_back(rt: Any, results: list[Any], payment: Payment, failed: Refund, waiting: Refund,
+                               dispute: Dispute) -> None:
+    """_chargeback_raced's `results`: both committed, the late success completed; `waiting` withdrawn once and noted
+    on `dispute` once, the member paid back twice (_paid_back_twice_once)."""
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[1] == "completed", results
+    await _withdrawn_once(rt, waiting, payment)
+    await _paid_back_twice_once(rt, payment, failed, results[0])
+    async with rt.sessionmaker() as s:
+        _noted_withdrawn_once(await s.get(Dispute, dispute.id), waiting)
+
+
 @pytest.mark.parametrize("path", CHARGEBACK_RACE_PATHS)
 async def test_a_dispute_opened_and_resolved_on_the_refund_waiting_between_a_chargebacks_locks(
         rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch, path: str) -> None:
@@ -634,12 +646,7 @@ async def test_a_dispute_opened_and_resolved_on_the_refund_waiting_between_a_cha
         await _run(rt, _resolution(rt, opened[0]))  # relies on `waiting`: linked to it
 
     results = await _chargeback_raced(rt, monkeypatch, payment, failed, path, between)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    assert results[1] == "completed", results
-    await _withdrawn_once(rt, waiting, payment)
-    await _paid_back_twice_once(rt, payment, failed, results[0])
-    async with rt.sessionmaker() as s:
-        _noted_withdrawn_once(await s.get(Dispute, opened[0].id), waiting)
+    await _neither_rolled_back(rt, results, payment, failed, waiting, opened[0])
 
 
 @pytest.mark.parametrize("path", CHARGEBACK_RACE_PATHS)
@@ -672,9 +679,4 @@ async def test_a_refund_of_a_closed_dispute_waiting_again_since_a_chargebacks_lo
             assert (await s.get(Refund, waiting.id)).status == "PENDING"
 
     results = await _chargeback_raced(rt, monkeypatch, payment, failed, path, between)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    assert results[1] == "completed", results
-    await _withdrawn_once(rt, waiting, payment)
-    await _paid_back_twice_once(rt, payment, failed, results[0])
-    async with rt.sessionmaker() as s:
-        _noted_withdrawn_once(await s.get(Dispute, dispute.id), waiting)
+    await _neither_rolled_back(rt, results, payment, failed, waiting, dispute)

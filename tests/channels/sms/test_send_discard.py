@@ -24,7 +24,7 @@ from tests.admin_api.conftest import bearer
 from tests.channels.sms.helpers import jobs_of, stalled_run
 from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, make_due, queue_receipt, the_job, the_row
-from tests.channels.sms.test_send_in_flight import _erase, _release
+from tests.channels.sms.test_send_in_flight import _erase, _hold_the_answer, _release
 from tests.channels.sms.test_sent_twice import failing_sent_writes
 from tests.conftest import drain
 
@@ -353,6 +353,20 @@ async def test_a_discarded_reply_never_stored_whose_last_try_was_cut_off_gives_i
     assert await _answered_of_six(rt, worker, sim, sms_client) == 5
 
 
+async def _parked_after_africas_talking_took_it(rt: Any, demo: dict[str, Any], sim: Any, worker: Any,
+                                               monkeypatch: Any) -> tuple[dict[str, Any], OutboxJob]:
+    """Her receipt's last try sent it (Africa's Talking accepted it) and could not write the outcome (the database
+    away): the job parked with AT's answer kept. (the message the simulator took, the parked job)"""
+    failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    job = await the_job(rt)
+    assert job.status == "PARKED" and "AT accepted it" in job.last_error
+    return went, job
+
+
 async def test_a_parked_send_that_africas_talking_accepted_is_not_discarded_but_replayed_with_its_id(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any, monkeypatch: Any
 ) -> None:
@@ -361,13 +375,7 @@ async def test_a_parked_send_that_africas_talking_accepted_is_not_discarded_but_
     report (here posted before) would find no row: refused (409 INVALID_STATE, saying to replay it), also in a bulk
     discard (skipped), the row still QUEUED. The replay records it SENT with AT's id, sending nothing again, and the
     report parked for that id is applied (DELIVERED). Before, the discard answered 200, the row FAILED with no id."""
-    failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
-    await queue_receipt(rt, demo)
-    await last_attempt(rt)
-    await drain(worker)
-    [went] = sim.messages(ALINE)
-    job = await the_job(rt)
-    assert job.status == "PARKED" and "AT accepted it" in job.last_error
+    went, job = await _parked_after_africas_talking_took_it(rt, demo, sim, worker, monkeypatch)
     report = await sms_client.post("/sms/africastalking/delivery", data={"id": went["id"], "status": "Success"})
     assert report.status == 200  # no row has the id yet: parked for it
     admin = await bearer(sms_client, *demo["admin"])
@@ -414,16 +422,7 @@ async def test_a_discarded_reply_whose_send_was_out_when_its_job_parked_keeps_it
     4 of her next 6 keywords answered, not 5. Before, the park said only "no SMS sender configured": the discard
     wrote Skipped and gave the count back before A's answer came, one reply over her limit."""
     await inbound(sms_client, ALINE, "STOP", "at-stop")
-    real_send, out, go = rt.sms.send, asyncio.Event(), asyncio.Event()
-
-    async def send(phone: Any, body: str) -> Any:
-        result = await real_send(phone, body)
-        if not out.is_set():
-            out.set()
-            await asyncio.wait_for(go.wait(), 30)
-        return result
-
-    monkeypatch.setattr(rt.sms, "send", send)
+    out, go = _hold_the_answer(rt, monkeypatch)
     run_a, job = await stalled_run(rt, out)
     sender, rt.sms = rt.sms, None
     await worker.run_job((await worker.claim())[0])  # the taker: parked
@@ -483,13 +482,7 @@ async def test_a_parked_send_that_africas_talking_accepted_held_back_by_her_eras
     and wrote "not sent" (Skipped). The discard is refused all the same (409, replay it): discarded, the row stayed
     "never handed to Africa's Talking" without AT's id, its delivery report finding no row. The replay records it SENT
     with AT's id (_held_back_sent), sending nothing again. Before, the discard answered 200, the row left Skipped."""
-    failing_sent_writes(monkeypatch, 1, ConnectionResetError("connection reset by peer"))
-    await queue_receipt(rt, demo)
-    await last_attempt(rt)
-    await drain(worker)
-    [went] = sim.messages(ALINE)
-    job = await the_job(rt)
-    assert job.status == "PARKED" and "AT accepted it" in job.last_error
+    went, job = await _parked_after_africas_talking_took_it(rt, demo, sim, worker, monkeypatch)
     await (_erase if action == "erasure" else _release)(rt, demo)
     assert (await the_row(rt)).status == "FAILED"
     admin = await bearer(sms_client, *demo["admin"])

@@ -278,6 +278,18 @@ async def _taken_over_then_sent(rt: Any, sim: Any, worker: Any, monkeypatch: Any
         return run_a, await session.get(OutboxJob, job.id)
 
 
+async def _handed_back_then_sent_once(rt: Any, sim: Any, worker: Any, job: OutboxJob) -> None:
+    """The job handed back (PENDING, its last word "sent again: "), the next run sends it: one copy, the row SENT (or
+    already DELIVERED) with its id, and nothing more on the runs after."""
+    assert (job.status, job.locked_by) == ("PENDING", None) and job.last_error.startswith("sent again: ")
+    await drain(worker)
+    [went] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) in {("SENT", went["id"]), ("DELIVERED", went["id"])}
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+
+
 async def test_a_stalled_run_that_cannot_connect_after_its_job_was_taken_over_has_it_sent_once(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: Any
 ) -> None:
@@ -312,13 +324,7 @@ async def test_a_stalled_run_whose_clock_did_not_count_the_stall_that_cannot_con
     _, job = await _taken_over_then_sent(rt, sim, worker, monkeypatch, unreachable=True, clock_stopped=True)
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.failure_reason, row.sent_at) == ("QUEUED", None, None, None)
-    assert (job.status, job.locked_by) == ("PENDING", None) and job.last_error.startswith("sent again: ")
-    await drain(worker)
-    [went] = sim.messages(ALINE)
-    row = await the_row(rt)
-    assert (row.status, row.provider_message_id) in {("SENT", went["id"]), ("DELIVERED", went["id"])}
-    await drain(worker)
-    assert len(sim.messages(ALINE)) == 1
+    await _handed_back_then_sent_once(rt, sim, worker, job)
 
 
 @pytest.mark.parametrize("refusal", ["InsufficientBalance", "RiskHold"])
@@ -334,14 +340,8 @@ async def test_a_stalled_run_whose_account_is_refused_after_its_job_was_taken_ov
     _, job = await _taken_over_then_sent(rt, sim, worker, monkeypatch, unreachable=False, failure=refusal)
     row = await the_row(rt)
     assert (row.status, row.provider_status, row.failure_reason) == ("QUEUED", None, None)
-    assert (job.status, job.locked_by) == ("PENDING", None) and job.last_error.startswith("sent again: ")
     assert sim.messages(ALINE) == []
-    await drain(worker)
-    [went] = sim.messages(ALINE)
-    row = await the_row(rt)
-    assert (row.status, row.provider_message_id) in {("SENT", went["id"]), ("DELIVERED", went["id"])}
-    await drain(worker)
-    assert len(sim.messages(ALINE)) == 1
+    await _handed_back_then_sent_once(rt, sim, worker, job)
 
 
 async def test_a_stalled_run_answered_5xx_after_its_job_was_taken_over_leaves_it_unconfirmed(

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -410,11 +411,9 @@ async def test_dial_calls_this_machine_and_another_one_allowed(url: str, allow_r
     assert code == 0 and called == [f"{url.lower()}/ussd/africastalking"]
 
 
-@pytest.mark.parametrize("host", ["127.1", "0.0.0.0", "2130706433", "0x7f.1"])
-async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # 127.1 is 127.0.0.1 and 0.0.0.0 as a destination connects to this machine (Linux): both were refused as "not
-    # this machine". Called directly, past the environment's proxy (a port nothing listens on), as 127.0.0.1 is.
+async def _dials_directly(monkeypatch: pytest.MonkeyPatch, host: str, url: Callable[[int], str]) -> None:
+    """`dial` of `url(port)`, a gateway stand-in (answering "END Bye") listening on `host` at `port`, while the
+    environment names a proxy on a port nothing listens on: it calls the stand-in directly, once, and ends with 0."""
     reached: list[bytes] = []
 
     async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -424,7 +423,7 @@ async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(endpoint, "127.0.0.1", 0)
+    server = await asyncio.start_server(endpoint, host, 0)
     port = server.sockets[0].getsockname()[1]
     for variable in ("HTTP_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
@@ -433,10 +432,18 @@ async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
     printed: list[str] = []
     errors: list[str] = []
     async with server:
-        code = await dial("*384*123#", "+250788000001", f"http://{host}:{port}", read=lambda _prompt: None,
-                          write=printed.append, write_error=errors.append)
+        code = await dial("*384*123#", "+250788000001", url(port), read=lambda _prompt: None, write=printed.append,
+                          write_error=errors.append)
     assert code == 0 and printed[1] == "Bye" and errors == [], (printed, errors)
     assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
+
+
+@pytest.mark.parametrize("host", ["127.1", "0.0.0.0", "2130706433", "0x7f.1"])
+async def test_dial_reaches_this_machine_written_short_or_unspecified(host: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # 127.1 is 127.0.0.1 and 0.0.0.0 as a destination connects to this machine (Linux): both were refused as "not
+    # this machine". Called directly, past the environment's proxy (a port nothing listens on), as 127.0.0.1 is.
+    await _dials_directly(monkeypatch, "127.0.0.1", lambda port: f"http://{host}:{port}")
 
 
 def _interface_addresses() -> list[tuple[str, Any]]:
@@ -465,29 +472,7 @@ async def test_dial_calls_an_address_this_machine_holds(monkeypatch: pytest.Monk
     held = _held_address()
     if held is None:
         pytest.skip("this machine holds no address but loopback ones")
-    reached: list[bytes] = []
-
-    async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reached.append(await reader.readline())
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nEND Bye")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(endpoint, held, 0)
-    port = server.sockets[0].getsockname()[1]
-    for variable in ("HTTP_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
-        monkeypatch.setenv(variable, "http://127.0.0.1:9")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    url = default_url({"HOST": held, "PORT": str(port)})
-    printed: list[str] = []
-    errors: list[str] = []
-    async with server:
-        code = await dial("*384*123#", "+250788000001", url, read=lambda _prompt: None, write=printed.append,
-                          write_error=errors.append)
-    assert code == 0 and printed[1] == "Bye" and errors == [], (printed, errors)
-    assert reached == [b"POST /ussd/africastalking HTTP/1.1\r\n"]
+    await _dials_directly(monkeypatch, held, lambda port: default_url({"HOST": held, "PORT": str(port)}))
 
 
 async def test_dial_calls_an_address_the_check_says_is_held(monkeypatch: pytest.MonkeyPatch) -> None:

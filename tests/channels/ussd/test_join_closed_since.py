@@ -42,13 +42,8 @@ async def _changed(rt: Any, demo: dict[str, Any], change: dict[str, Any]) -> Non
     cache.of(rt).coops.clear()  # what its TTL_SECONDS (5 s) does before she dials again
 
 
-@pytest.mark.parametrize("since", sorted(SINCE))
-async def test_a_session_continued_at_the_name_prompt_is_told_at_once(client: Any, demo: dict[str, Any], db: Any,
-                                                                      rt: Any, since: str) -> None:
-    change, screen, told = SINCE[since]
-    members = await db.count(Member)
-    await _at_the_name_prompt(client)  # then the network drops her session there
-    await _changed(rt, demo, change)
+async def _continued_is_told(client: Any, db: Any, members: int, screen: str, told: str) -> None:
+    """She dials again and takes Continue: told `told` at once (the session's last screen `screen`), no member made."""
     again = AtPhone(client, STRANGER)
     offer = await again.dial()
     assert offer.startswith("CON You did not finish your last session."), offer
@@ -56,6 +51,16 @@ async def test_a_session_continued_at_the_name_prompt_is_told_at_once(client: An
     assert await db.count(Member) == members
     [row] = await db.all(UssdSession, UssdSession.session_id == again.session_id)
     assert row.last_screen == screen
+
+
+@pytest.mark.parametrize("since", sorted(SINCE))
+async def test_a_session_continued_at_the_name_prompt_is_told_at_once(client: Any, demo: dict[str, Any], db: Any,
+                                                                      rt: Any, since: str) -> None:
+    change, screen, told = SINCE[since]
+    members = await db.count(Member)
+    await _at_the_name_prompt(client)  # then the network drops her session there
+    await _changed(rt, demo, change)
+    await _continued_is_told(client, db, members, screen, told)
 
 
 @pytest.mark.parametrize("since", sorted(SINCE))
@@ -97,13 +102,7 @@ async def test_a_session_continued_right_after_the_change_is_told_at_once(client
     members = await db.count(Member)
     await _at_the_name_prompt(client)
     await _changed_within_the_cache(rt, demo, change)
-    again = AtPhone(client, STRANGER)
-    offer = await again.dial()
-    assert offer.startswith("CON You did not finish your last session."), offer
-    assert await again.send(option(offer, "Continue where you left off")) == told
-    assert await db.count(Member) == members
-    [row] = await db.all(UssdSession, UssdSession.session_id == again.session_id)
-    assert row.last_screen == screen
+    await _continued_is_told(client, db, members, screen, told)
 
 
 @pytest.mark.parametrize("since", sorted(SINCE))
