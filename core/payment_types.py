@@ -171,7 +171,7 @@ async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperativ
     return coop
 
 
-async def _name_taken(session: AsyncSession, cooperative_id: str, name: str, exclude_id: str | None) -> None:
+async def _refuse_taken_name(session: AsyncSession, cooperative_id: str, name: str, exclude_id: str | None) -> None:
     """409 NAME_TAKEN when another type of the cooperative has the name, whatever its case. The refusal names that
     type as it is written, with its id and how to change it: "a payment type named 'Monthly rent' already exists"
     quoted the request, so an admin adding 'Monthly rent' beside the seeded 'Monthly Rent' was told of a type
@@ -255,7 +255,7 @@ async def create_payment_type(
         errors.append(why)
     if errors:
         raise _refusal(errors)
-    await _name_taken(session, cooperative_id, fields.name, None)
+    await _refuse_taken_name(session, cooperative_id, fields.name, None)
     pt = PaymentType(
         cooperative_id=cooperative_id,
         name=fields.name.strip(),
@@ -347,7 +347,7 @@ async def update_payment_type(
         raise _refusal(errors)
     if "name" in changes:
         await _cooperative(session, cooperative_id)  # the lock: see _cooperative
-        await _name_taken(session, cooperative_id, changes["name"], pt.id)
+        await _refuse_taken_name(session, cooperative_id, changes["name"], pt.id)
     for key, value in changes.items():
         if key == "amount":
             pt.amount_minor = value.minor

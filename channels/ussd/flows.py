@@ -259,13 +259,9 @@ async def current(ctx: Ctx) -> tuple[MemberRow | None, CoopRow | None]:
 async def cooperative(ctx: Ctx, coop_id: str) -> CoopRow | None:
     key = f"coop:{coop_id}"
     if key not in ctx.cache:
-        coops = cache.of(ctx.rt).coops
-        coop = coops.get(coop_id)
+        coop = cache.of(ctx.rt).coops.get(coop_id)
         if coop is cache.MISSING:
-            async with cache.autocommit(ctx.rt) as conn:
-                row = (await conn.execute(_COOP_BY_ID, {"coop_id": coop_id})).first()
-            coop = _coop_row(row) if row is not None else None
-            coops.put(coop_id, coop)
+            return await cooperative_now(ctx, coop_id)
         ctx.cache[key] = coop
     return ctx.cache[key]
 
@@ -1357,11 +1353,13 @@ async def payment_items(ctx: Ctx) -> list[Item]:
     recent = await recent_payments(ctx)
     # Cut to 22 whatever the room: five lines of amount, name, status and reference fill a screen as they are.
     labels = shorts([name for _, name in recent])
-    return [Item(p.id, _payment_line(ctx, n, p, label)) for n, ((p, _), label) in enumerate(zip(
+    # What a page leaves its lines: the screen less its title and footer (_payment_line).
+    page = ctx.limit - gsm.length("\n".join(ctx.t(m) for m in ("my.title", "nav.more", "nav.back", "nav.home")))
+    return [Item(p.id, _payment_line(ctx, n, p, label, page)) for n, ((p, _), label) in enumerate(zip(
         recent, labels, strict=True), start=1)]
 
 
-def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> str:
+def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str, page: int) -> str:
     """One line of the list, within the engine's LINE with its number: a line too long shortens the payment type's
     name, then the status, never the reference (what she quotes to complain or to ask for a receipt by SMS; cut at
     the end, "Imeshindwa, pesa imekatwa PAY_20261202_1.." lost it)."""
@@ -1373,7 +1371,6 @@ def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> st
     # "KES 12,345.00" cut "Monthly Rent" to "Monthly..". The detail, with a line of its own, keeps the whole one.
     # The whole one (the SMS's words: "Not paid: recorded in error") also only where the line leaves the page its
     # title and footer: on Nalo's 120 characters a 72-character line cut the title ("Ubwishyu bwa..").
-    page = ctx.limit - gsm.length("\n".join(ctx.t(m) for m in ("my.title", "nav.more", "nav.back", "nav.home")))
     beside = min(room, page - len(f"{number}. ") - 1) - (
         gsm.length(ctx.t("my.line", **args)) - gsm.length(args["status"]))
     args["status"] = ctx.t_fit(f"status.{shown}", beside)
